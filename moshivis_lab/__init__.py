@@ -1,0 +1,6 @@
+"""moshivis_lab: an interpretable research workbench for vision-speech models (MoshiVis)."""
+
+from moshivis_lab.config import CodecConfig, LabConfig, TokenizerConfig, WorldConfig, preset
+
+__all__ = ["CodecConfig", "LabConfig", "TokenizerConfig", "WorldConfig", "preset"]
+__version__ = "0.1.0"

@@ -1,0 +1,265 @@
+"""Configuration dataclasses for every room of the lab, validated on construction, with presets.
+
+Each config checks its own fields in ``__post_init__`` and raises ``ValueError`` naming the field,
+so a bad value fails where it is written, not three stages later. Derived values are properties
+(never stale class-level defaults). ``LabConfig.tiny()`` is the offline default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Moshi's special text ids (SentencePiece ids repurposed by Moshi) and the "zero token".
+TEXT_EPAD_ID = 0
+TEXT_PAD_ID = 3
+ZERO_TOKEN = -1
+
+
+def _check(cond: bool, cls: str, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{cls}.{name}: {msg}")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(v > 0, type(obj).__name__, n, f"must be > 0, got {v!r}")
+
+
+def _probability(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(0.0 <= v <= 1.0, type(obj).__name__, n, f"must be in [0, 1], got {v!r}")
+
+
+def _range(obj: Any, name: str) -> None:
+    lo, hi = getattr(obj, name)
+    _check(lo <= hi, type(obj).__name__, name, f"must be (low, high) with low <= high, got {(lo, hi)!r}")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """The synthetic image-and-dialogue world: how many scenes, dialogues and samples, and how."""
+
+    seed: int = 0
+    image_size: int = 224
+    min_objects: int = 1
+    max_objects: int = 5
+    p_word: float = 0.35  # probability that a scene carries a rendered word (OCR)
+    n_train_images: int = 3000
+    n_val_images: int = 300
+    n_test_images: int = 300
+    n_heldout_images: int = 300  # images built around colour-shape pairs never seen in training
+    heldout_pairs: tuple[tuple[str, str], ...] = (
+        ("red", "star"),
+        ("blue", "triangle"),
+        ("green", "heart"),
+        ("yellow", "square"),
+        ("purple", "circle"),
+        ("orange", "cross"),
+    )
+    n_image_dialogues: int = 5000
+    n_spoken_image_dialogues: int = 1000  # the spoken subset of the image dialogues
+    n_chitchat_dialogues: int = 2000  # all spoken
+    n_image_text_samples: int = 20000  # speechless captions / VQA / OCR / counting
+    n_user_voices: int = 6
+    n_heldout_voices: int = 2  # user voices kept out of codec fitting and training
+    pause_range_s: tuple[float, float] = (0.24, 0.8)
+    lead_in_range_s: tuple[float, float] = (0.16, 0.48)
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        _positive(self, "image_size", "min_objects", "max_objects", "n_user_voices")
+        _check(self.image_size >= 64, "WorldConfig", "image_size", f"must be >= 64, got {self.image_size}")
+        _check(
+            self.min_objects <= self.max_objects <= 5,
+            "WorldConfig",
+            "max_objects",
+            f"need min_objects <= max_objects <= 5, got {self.min_objects}, {self.max_objects}",
+        )
+        _probability(self, "p_word", "val_fraction", "test_fraction")
+        for n in ("n_train_images", "n_val_images", "n_test_images", "n_heldout_images",
+                  "n_image_dialogues", "n_spoken_image_dialogues", "n_chitchat_dialogues",
+                  "n_image_text_samples"):
+            _check(getattr(self, n) >= 0, "WorldConfig", n, f"must be >= 0, got {getattr(self, n)}")
+        _check(
+            self.n_spoken_image_dialogues <= self.n_image_dialogues,
+            "WorldConfig",
+            "n_spoken_image_dialogues",
+            "cannot exceed n_image_dialogues",
+        )
+        _check(
+            0 <= self.n_heldout_voices < self.n_user_voices,
+            "WorldConfig",
+            "n_heldout_voices",
+            f"must be in [0, n_user_voices), got {self.n_heldout_voices}",
+        )
+        _range(self, "pause_range_s")
+        _range(self, "lead_in_range_s")
+
+    @property
+    def n_images(self) -> int:
+        """Total number of images over all splits."""
+        return self.n_train_images + self.n_val_images + self.n_test_images + self.n_heldout_images
+
+    @classmethod
+    def tiny(cls) -> WorldConfig:
+        """The default offline world (>= 5k image dialogues, 2k spoken chit-chat, 20k samples)."""
+        return cls()
+
+    @classmethod
+    def smoke(cls) -> WorldConfig:
+        """A very small world for tests and notebook CI (seconds to build)."""
+        return cls(
+            n_train_images=60,
+            n_val_images=12,
+            n_test_images=12,
+            n_heldout_images=12,
+            n_image_dialogues=80,
+            n_spoken_image_dialogues=24,
+            n_chitchat_dialogues=40,
+            n_image_text_samples=200,
+        )
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """An audio codec: 24 kHz, 12.5 Hz frames, ``num_codebooks`` codebooks of ``cardinality``."""
+
+    kind: str = "tiny"  # "tiny" (fitted here) or "mimi" (transformers MimiModel from a local dir)
+    sample_rate: int = 24000
+    frame_rate: float = 12.5
+    num_codebooks: int = 8
+    cardinality: int = 256
+    n_mels: int = 40
+    n_cepstra: int = 20
+    subframes: int = 4  # envelope/F0 detail kept per 80 ms frame
+    fmin: float = 60.0
+    fmax: float = 500.0
+    fit_seconds: float = 900.0  # seconds of world speech the tiny codec is fitted on
+    kmeans_iters: int = 25
+    seed: int = 0
+    mimi_path: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("tiny", "mimi"), "CodecConfig", "kind", f"must be 'tiny' or 'mimi', got {self.kind!r}")
+        _positive(self, "sample_rate", "frame_rate", "num_codebooks", "cardinality", "n_mels",
+                  "n_cepstra", "subframes", "fit_seconds", "kmeans_iters")
+        _check(
+            float(self.sample_rate / self.frame_rate).is_integer(),
+            "CodecConfig",
+            "frame_rate",
+            f"sample_rate / frame_rate must be a whole number of samples, got {self.sample_rate / self.frame_rate}",
+        )
+        _check(
+            (self.frame_size % self.subframes) == 0,
+            "CodecConfig",
+            "subframes",
+            f"must divide the frame size {self.frame_size}",
+        )
+        _check(self.cardinality >= 2, "CodecConfig", "cardinality", "must be >= 2")
+        _check(0 < self.fmin < self.fmax, "CodecConfig", "fmin", "need 0 < fmin < fmax")
+        if self.kind == "tiny":
+            _check(self.num_codebooks >= 5, "CodecConfig", "num_codebooks",
+                   "the tiny codec needs >= 5 codebooks (semantic, F0 x2, energy, envelope residuals)")
+        if self.kind == "mimi":
+            _check(self.mimi_path is not None, "CodecConfig", "mimi_path",
+                   "kind='mimi' needs a local directory with the kyutai/mimi weights")
+
+    @property
+    def frame_size(self) -> int:
+        """Samples per frame (1920 at 24 kHz / 12.5 Hz)."""
+        return int(self.sample_rate / self.frame_rate)
+
+    @classmethod
+    def tiny(cls) -> CodecConfig:
+        """The tiny codec fitted offline on the world's speech."""
+        return cls()
+
+    @classmethod
+    def mimi(cls, path: str | os.PathLike[str]) -> CodecConfig:
+        """Kyutai's Mimi (8 of its codebooks, cardinality 2048) read from a local directory."""
+        return cls(kind="mimi", cardinality=2048, mimi_path=str(path))
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """The text tokenizer: a SentencePiece model honouring Moshi's special ids."""
+
+    vocab_size: int = 1000
+    model_path: str | None = None  # a local Moshi 32k SentencePiece model instead of training one
+    character_coverage: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 64, "TokenizerConfig", "vocab_size", f"must be >= 64, got {self.vocab_size}")
+        _probability(self, "character_coverage")
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """Everything one run of the lab needs: where artefacts live and each room's config."""
+
+    name: str = "tiny"
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("MOSHIVIS_DATA", "data")))
+    world: WorldConfig = field(default_factory=WorldConfig.tiny)
+    codec: CodecConfig = field(default_factory=CodecConfig.tiny)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        _positive(self, "workers")
+
+    @property
+    def world_dir(self) -> Path:
+        """Where the world's raw data (images, JSON, wav) is written."""
+        return self.data_dir / self.name / "world"
+
+    @property
+    def codec_dir(self) -> Path:
+        """Where the fitted codec lives."""
+        return self.data_dir / self.name / "codec"
+
+    @property
+    def shards_dir(self) -> Path:
+        """Where the tokenised, memory-mapped shards and their manifest live."""
+        return self.data_dir / self.name / "shards"
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """The SentencePiece model used for text."""
+        if self.tokenizer.model_path:
+            return Path(self.tokenizer.model_path)
+        return self.data_dir / self.name / "tokenizer" / "spm.model"
+
+    def replace(self, **changes: Any) -> LabConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def tiny(cls, data_dir: str | os.PathLike[str] | None = None) -> LabConfig:
+        """The offline default: the full tiny world and the tiny codec."""
+        kw: dict[str, Any] = {} if data_dir is None else {"data_dir": Path(data_dir)}
+        return cls(name="tiny", **kw)
+
+    @classmethod
+    def smoke(cls, data_dir: str | os.PathLike[str] | None = None) -> LabConfig:
+        """A seconds-sized world for tests and notebook CI, same code paths as tiny."""
+        kw: dict[str, Any] = {} if data_dir is None else {"data_dir": Path(data_dir)}
+        return cls(name="smoke", world=WorldConfig.smoke(),
+                   codec=dataclasses.replace(CodecConfig.tiny(), fit_seconds=120.0, kmeans_iters=10), **kw)
+
+
+PRESETS = {"tiny": LabConfig.tiny, "smoke": LabConfig.smoke}
+
+
+def preset(name: str, data_dir: str | os.PathLike[str] | None = None) -> LabConfig:
+    """Look a preset up by name ('tiny' or 'smoke')."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name](data_dir)
