@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -52,7 +54,9 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file, with an error that names the file when it is missing or corrupt."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; build it first (see `moshivis-lab --help`)")
+        raise FileNotFoundError(
+            f"{path} does not exist; build it first (see `moshivis-lab --help`)"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -67,3 +71,55 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+def config_hash(*objs: Any) -> str:
+    """A short stable hash of dataclass configs (used in stage stamps)."""
+
+    def plain(o: Any) -> Any:
+        if dataclasses.is_dataclass(o):
+            return {k: plain(v) for k, v in dataclasses.asdict(o).items() if k != "data_dir"}
+        if isinstance(o, Path):
+            return str(o)
+        if isinstance(o, tuple | list):
+            return [plain(v) for v in o]
+        if isinstance(o, dict):
+            return {str(k): plain(v) for k, v in o.items()}
+        return o
+
+    blob = json.dumps([plain(o) for o in objs], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Stage:
+    """A resumable build stage: ``done`` when its stamp exists with the same config hash."""
+
+    def __init__(self, directory: Path, name: str, key: str) -> None:
+        self.stamp = directory / f".{name}.done.json"
+        self.name = name
+        self.key = key
+
+    @property
+    def done(self) -> bool:
+        """True when this stage already finished with the same config."""
+        if not self.stamp.exists():
+            return False
+        try:
+            return read_json(self.stamp).get("key") == self.key
+        except ValueError:
+            return False
+
+    def finish(self, **info: Any) -> dict:
+        """Write the stamp (last, after every output of the stage is in place)."""
+        rec = {
+            "stage": self.name,
+            "key": self.key,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **info,
+        }
+        write_json(self.stamp, rec)
+        return rec
+
+    def info(self) -> dict:
+        """What the stamp recorded (timings, counts)."""
+        return read_json(self.stamp)

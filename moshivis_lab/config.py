@@ -38,7 +38,12 @@ def _probability(obj: Any, *names: str) -> None:
 
 def _range(obj: Any, name: str) -> None:
     lo, hi = getattr(obj, name)
-    _check(lo <= hi, type(obj).__name__, name, f"must be (low, high) with low <= high, got {(lo, hi)!r}")
+    _check(
+        lo <= hi,
+        type(obj).__name__,
+        name,
+        f"must be (low, high) with low <= high, got {(lo, hi)!r}",
+    )
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,12 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "image_size", "min_objects", "max_objects", "n_user_voices")
-        _check(self.image_size >= 64, "WorldConfig", "image_size", f"must be >= 64, got {self.image_size}")
+        _check(
+            self.image_size >= 64,
+            "WorldConfig",
+            "image_size",
+            f"must be >= 64, got {self.image_size}",
+        )
         _check(
             self.min_objects <= self.max_objects <= 5,
             "WorldConfig",
@@ -83,9 +93,16 @@ class WorldConfig:
             f"need min_objects <= max_objects <= 5, got {self.min_objects}, {self.max_objects}",
         )
         _probability(self, "p_word", "val_fraction", "test_fraction")
-        for n in ("n_train_images", "n_val_images", "n_test_images", "n_heldout_images",
-                  "n_image_dialogues", "n_spoken_image_dialogues", "n_chitchat_dialogues",
-                  "n_image_text_samples"):
+        for n in (
+            "n_train_images",
+            "n_val_images",
+            "n_test_images",
+            "n_heldout_images",
+            "n_image_dialogues",
+            "n_spoken_image_dialogues",
+            "n_chitchat_dialogues",
+            "n_image_text_samples",
+        ):
             _check(getattr(self, n) >= 0, "WorldConfig", n, f"must be >= 0, got {getattr(self, n)}")
         _check(
             self.n_spoken_image_dialogues <= self.n_image_dialogues,
@@ -147,9 +164,24 @@ class CodecConfig:
     mimi_path: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("tiny", "mimi"), "CodecConfig", "kind", f"must be 'tiny' or 'mimi', got {self.kind!r}")
-        _positive(self, "sample_rate", "frame_rate", "num_codebooks", "cardinality", "n_mels",
-                  "n_cepstra", "subframes", "fit_seconds", "kmeans_iters")
+        _check(
+            self.kind in ("tiny", "mimi"),
+            "CodecConfig",
+            "kind",
+            f"must be 'tiny' or 'mimi', got {self.kind!r}",
+        )
+        _positive(
+            self,
+            "sample_rate",
+            "frame_rate",
+            "num_codebooks",
+            "cardinality",
+            "n_mels",
+            "n_cepstra",
+            "subframes",
+            "fit_seconds",
+            "kmeans_iters",
+        )
         _check(
             float(self.sample_rate / self.frame_rate).is_integer(),
             "CodecConfig",
@@ -165,11 +197,19 @@ class CodecConfig:
         _check(self.cardinality >= 2, "CodecConfig", "cardinality", "must be >= 2")
         _check(0 < self.fmin < self.fmax, "CodecConfig", "fmin", "need 0 < fmin < fmax")
         if self.kind == "tiny":
-            _check(self.num_codebooks >= 5, "CodecConfig", "num_codebooks",
-                   "the tiny codec needs >= 5 codebooks (semantic, F0 x2, energy, envelope residuals)")
+            _check(
+                self.num_codebooks >= 5,
+                "CodecConfig",
+                "num_codebooks",
+                "the tiny codec needs >= 5 codebooks (semantic, F0 x2, energy, envelope residuals)",
+            )
         if self.kind == "mimi":
-            _check(self.mimi_path is not None, "CodecConfig", "mimi_path",
-                   "kind='mimi' needs a local directory with the kyutai/mimi weights")
+            _check(
+                self.mimi_path is not None,
+                "CodecConfig",
+                "mimi_path",
+                "kind='mimi' needs a local directory with the kyutai/mimi weights",
+            )
 
     @property
     def frame_size(self) -> int:
@@ -196,7 +236,12 @@ class TokenizerConfig:
     character_coverage: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(self.vocab_size >= 64, "TokenizerConfig", "vocab_size", f"must be >= 64, got {self.vocab_size}")
+        _check(
+            self.vocab_size >= 64,
+            "TokenizerConfig",
+            "vocab_size",
+            f"must be >= 64, got {self.vocab_size}",
+        )
         _probability(self, "character_coverage")
 
 
@@ -251,8 +296,12 @@ class LabConfig:
     def smoke(cls, data_dir: str | os.PathLike[str] | None = None) -> LabConfig:
         """A seconds-sized world for tests and notebook CI, same code paths as tiny."""
         kw: dict[str, Any] = {} if data_dir is None else {"data_dir": Path(data_dir)}
-        return cls(name="smoke", world=WorldConfig.smoke(),
-                   codec=dataclasses.replace(CodecConfig.tiny(), fit_seconds=120.0, kmeans_iters=10), **kw)
+        return cls(
+            name="smoke",
+            world=WorldConfig.smoke(),
+            codec=dataclasses.replace(CodecConfig.tiny(), fit_seconds=120.0, kmeans_iters=10),
+            **kw,
+        )
 
 
 PRESETS = {"tiny": LabConfig.tiny, "smoke": LabConfig.smoke}

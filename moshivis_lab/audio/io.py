@@ -13,7 +13,9 @@ import soxr
 SILENCE_RMS = 1e-4
 
 
-def to_mono_float(wav: np.ndarray, *, channel_axis: int | None = None, name: str = "audio") -> np.ndarray:
+def to_mono_float(
+    wav: np.ndarray, *, channel_axis: int | None = None, name: str = "audio"
+) -> np.ndarray:
     """Return ``wav`` as 1-D float32 in [-1, 1]: ints are scaled, stereo is averaged, NaN/inf rejected.
 
     Integer PCM (int8/16/32, uint8) is scaled by its full range; float64 is cast. A 2-D array is
@@ -36,10 +38,14 @@ def to_mono_float(wav: np.ndarray, *, channel_axis: int | None = None, name: str
             )
         a = a.mean(axis=axis)
     elif a.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D (mono) or 2-D (multi-channel) array, got shape {a.shape}")
+        raise ValueError(
+            f"{name}: expected a 1-D (mono) or 2-D (multi-channel) array, got shape {a.shape}"
+        )
     if a.size and not np.all(np.isfinite(a)):
         bad = int((~np.isfinite(a)).sum())
-        raise ValueError(f"{name}: {bad} samples are NaN or inf; clean the signal (e.g. np.nan_to_num) first")
+        raise ValueError(
+            f"{name}: {bad} samples are NaN or inf; clean the signal (e.g. np.nan_to_num) first"
+        )
     a = a.astype(np.float32, copy=False)
     peak = float(np.abs(a).max()) if a.size else 0.0
     if peak > 1.0 + 1e-3:
@@ -69,7 +75,9 @@ def prepare(
 ) -> np.ndarray:
     """Mono float32 at ``target_rate`` from any PCM array at ``sample_rate`` (see ``to_mono_float``)."""
     if not isinstance(sample_rate, int | np.integer) or sample_rate <= 0:
-        raise ValueError(f"{name}: sample_rate must be a positive integer (Hz), got {sample_rate!r}")
+        raise ValueError(
+            f"{name}: sample_rate must be a positive integer (Hz), got {sample_rate!r}"
+        )
     a = resample(to_mono_float(wav, name=name), int(sample_rate), target_rate)
     if a.size < int(round(min_seconds * target_rate)):
         raise ValueError(
@@ -78,7 +86,9 @@ def prepare(
     return a
 
 
-def load_audio(path: str | os.PathLike[str], target_rate: int, *, min_seconds: float = 0.0) -> np.ndarray:
+def load_audio(
+    path: str | os.PathLike[str], target_rate: int, *, min_seconds: float = 0.0
+) -> np.ndarray:
     """Read an audio file (wav, flac, ogg...) as mono float32 at ``target_rate``."""
     path = Path(path)
     if not path.exists():
@@ -86,7 +96,9 @@ def load_audio(path: str | os.PathLike[str], target_rate: int, *, min_seconds: f
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as e:
-        raise ValueError(f"{path}: cannot be read as audio ({e}); is it a valid wav/flac/ogg file?") from e
+        raise ValueError(
+            f"{path}: cannot be read as audio ({e}); is it a valid wav/flac/ogg file?"
+        ) from e
     return prepare(data.T, int(sr), target_rate, min_seconds=min_seconds, name=str(path))
 
 

@@ -2,6 +2,12 @@
 
 Word timings come from the synthesizer's own WORD events (sample-exact start positions); word
 ends are where the energy falls before the next word. Output is mono float32 at 24 kHz.
+
+Reproducibility: espeak-ng carries its glottal-pulse phase from one utterance to the next, so an
+utterance's samples (and its length, by up to ~1 %) depend on what the process synthesized
+before; re-initialising does not reset it. The same sequence of calls in a fresh process gives
+identical audio, which is how the world build stays bit-reproducible (one fresh process speaks
+every dialogue in a fixed order, see ``world.speak``).
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ class _Event(ctypes.Structure):
     ]
 
 
-_Callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event))
+_Callback = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event)
+)
 
 
 @dataclass(frozen=True)
@@ -122,7 +130,9 @@ class _Engine:
 
         self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
         data = espeakng_loader.get_data_path().encode()
-        self.native_rate = int(self.lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data, _INITIALIZE_DONT_EXIT))
+        self.native_rate = int(
+            self.lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data, _INITIALIZE_DONT_EXIT)
+        )
         if self.native_rate <= 0:
             raise RuntimeError(f"espeak-ng failed to initialise (data path {data!r})")
         self._chunks: list[np.ndarray] = []
@@ -159,7 +169,9 @@ class _Engine:
             self.set_voice(voice)
             self._chunks, self._events = [], []
             b = text.encode("utf-8")
-            err = self.lib.espeak_Synth(b, len(b) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+            err = self.lib.espeak_Synth(
+                b, len(b) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None
+            )
             self.lib.espeak_Synchronize()
             if err != 0:
                 raise RuntimeError(f"espeak-ng failed (error {err}) on {text!r}")
@@ -194,7 +206,9 @@ def _speech_end(wav: np.ndarray, lo: int, hi: int, sr: int, rel_db: float = -35.
     return lo + (int(loud[-1]) + 1) * hop if loud.size else lo + hop
 
 
-def synthesize(text: str, voice: Voice = ASSISTANT_VOICE, sample_rate: int = SAMPLE_RATE) -> Utterance:
+def synthesize(
+    text: str, voice: Voice = ASSISTANT_VOICE, sample_rate: int = SAMPLE_RATE
+) -> Utterance:
     """Speak ``text`` with ``voice``; return the 24 kHz waveform and per-word start/end times.
 
     Words are the whitespace-separated tokens of ``text`` (punctuation kept); each one's start is
@@ -225,5 +239,9 @@ def synthesize(text: str, voice: Voice = ASSISTANT_VOICE, sample_rate: int = SAM
         s = int(starts[k] * ratio)
         nxt = int(starts[order[j + 1]] * ratio) if j + 1 < len(order) else len(wav)
         e = _speech_end(wav, s, max(nxt, s + 1), sample_rate)
-        words.append(Word(spans[k][2], round(s / sample_rate, 4), round(min(e, nxt) / sample_rate, 4)))
+        words.append(
+            Word(spans[k][2], round(s / sample_rate, 4), round(min(e, nxt) / sample_rate, 4))
+        )
+    if words:  # drop the synthesizer's trailing silence, keep a 50 ms tail
+        wav = wav[: min(len(wav), int((words[-1].end + 0.05) * sample_rate))]
     return Utterance(text=text, voice=voice.name, wav=wav, words=words, sample_rate=sample_rate)

@@ -1,0 +1,41 @@
+# moshivis_lab: every target creates .venv and installs with the tested pins when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PRESET ?= tiny
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONHASHSEED := 0
+
+.PHONY: venv test lint reproduce data lab bench clean-data
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest -q --timeout=900 tests
+	MOSHIVIS_PRESET=smoke $(BIN)/pytest -q --timeout=900 --nbmake notebooks
+
+reproduce: data
+
+data: venv
+	$(BIN)/moshivis-lab data --preset $(PRESET)
+
+lab: venv
+	$(BIN)/jupyter lab notebooks
+
+bench: venv
+	$(BIN)/python benchmarks/run.py --preset $(PRESET)
+
+clean-data:
+	rm -rf data/$(PRESET)

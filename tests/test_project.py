@@ -1,0 +1,88 @@
+"""The project's own promises: pins, environment.yml in step with pyproject, CI calls make test."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            r = Requirement(line)
+            pins[r.name.lower().replace("_", "-")] = str(r.specifier)
+    return pins
+
+
+def _deps() -> list[Requirement]:
+    p = _pyproject()["project"]
+    return [Requirement(d) for d in p["dependencies"] + p["optional-dependencies"]["dev"]]
+
+
+def test_every_dependency_is_pinned_and_pins_satisfy_ranges() -> None:
+    pins = _pins()
+    assert pins["torch"] == "==2.13.0"
+    for req in _deps():
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is a dependency but has no pin in constraints.txt"
+        version = pins[name].removeprefix("==")
+        assert req.specifier.contains(version, prereleases=True), (
+            f"{name}: pin {version} outside {req.specifier}"
+        )
+
+
+def test_environment_yml_matches_pyproject() -> None:
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert env["channels"] == ["conda-forge"]
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    assert "python=3.11" in conda and "pip" in conda
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert "-e .[dev]" in pip, "environment.yml must install the package's own dependencies"
+    assert "-c constraints.txt" in pip and "torch==2.13.0" in pip
+    # anything else named in environment.yml must be a declared dependency with the same pin
+    names = {r.name.lower() for r in _deps()}
+    for d in conda + pip:
+        if d.startswith(("-", "python", "pip")):
+            continue
+        name = re.split(r"[=<>!~ ]", d)[0].lower()
+        assert name in names, f"environment.yml lists {name}, which pyproject.toml does not"
+
+
+def test_console_script_and_extras() -> None:
+    p = _pyproject()["project"]
+    assert p["name"] == "moshivis_lab"
+    assert p["scripts"]["moshivis-lab"] == "moshivis_lab.cli:app"
+    assert "dev" in p["optional-dependencies"]
+
+
+def test_ci_runs_make_test_and_readme_opens_with_two_commands() -> None:
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    head = readme[: readme.find("##", readme.find("make test"))]
+    assert "make reproduce" in head and "make test" in head
+    for target in ("reproduce:", "test:", "lab:", "bench:"):
+        assert target in (ROOT / "Makefile").read_text()
+
+
+def test_notebooks_are_committed_without_outputs() -> None:
+    nbs = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert nbs, "no notebooks found"
+    for nb in nbs:
+        d = json.loads(nb.read_text())
+        for cell in d["cells"]:
+            if cell["cell_type"] == "code":
+                assert not cell.get("outputs"), f"{nb.name} carries outputs: strip them"
+                assert cell.get("execution_count") is None, f"{nb.name} carries execution counts"
