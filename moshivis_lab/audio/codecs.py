@@ -53,9 +53,9 @@ def fit_codec_stage(cfg: LabConfig, progress: bool = True) -> dict:
     """Stage 4: fit the tiny codec on the training split's speech and report its round trip."""
     if cfg.codec.kind != "tiny":
         return {"stage": "codec", "skipped": f"{cfg.codec.kind} codec is pretrained"}
-    from moshivis_lab.audio.tiny_codec import TinyCodec
+    from moshivis_lab.audio.tiny_codec import FORMAT_VERSION, TinyCodec
 
-    stage = Stage(cfg.codec_dir, "codec", config_hash(cfg.world, cfg.codec))
+    stage = Stage(cfg.codec_dir, "codec", config_hash(cfg.world, cfg.codec, FORMAT_VERSION))
     if stage.done:
         return stage.info()
     t0 = time.time()

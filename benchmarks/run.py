@@ -1,0 +1,153 @@
+"""`make bench`: speed of the lab's parts on this machine, written as JSON and a markdown table.
+
+Now: data-world generation throughput (scenes, dialogues, TTS, timelines) and codec real-time
+factors (encode/decode, batch and streaming). Results go to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+
+from moshivis_lab.config import preset
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def timed(fn: Callable[[], object], repeat: int = 5) -> dict:
+    """Median and spread of wall time over ``repeat`` runs (after one warm-up)."""
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "runs": repeat}
+
+
+def bench_world(cfg) -> dict:  # noqa: ANN001
+    """Scenes rendered per second, dialogues per second, TTS and timeline speed."""
+    from moshivis_lab.world import dialogues, scenes
+    from moshivis_lab.world.speech import ASSISTANT_VOICE, USER_VOICES, synthesize
+    from moshivis_lab.world.timeline import TTSCache, build_timeline
+
+    rng = np.random.default_rng(0)
+    out: dict = {}
+    n = 200
+    t = timed(
+        lambda: [scenes.render(scenes.sample_scene(rng, cfg.world, f"s{i}")) for i in range(n)], 3
+    )
+    out["scenes_per_s"] = n / t["median_s"]
+    sc = scenes.sample_scene(rng, cfg.world, "s")
+    t = timed(
+        lambda: [dialogues.image_dialogue(sc, k, rng, "d") for k in dialogues.DIALOGUE_KINDS * 50],
+        3,
+    )
+    out["image_dialogues_per_s"] = 300 / t["median_s"]
+    text = "What colour is the small triangle at the top left?"
+    dur = synthesize(text, ASSISTANT_VOICE).duration
+    t = timed(lambda: synthesize(text, USER_VOICES[0]), 10)
+    out["tts_x_realtime"] = dur / t["median_s"]
+    d = dialogues.chitchat_dialogue(rng, "c")
+    turns = [(tn.speaker, tn.text, d.topic, []) for tn in d.turns]
+    t = timed(lambda: build_timeline("c", turns, USER_VOICES[0], rng, tts=TTSCache()), 5)
+    out["timelines_per_s_uncached"] = 1 / t["median_s"]
+    return out
+
+
+def bench_codec(cfg) -> dict:  # noqa: ANN001
+    """Encode/decode real-time factors of the fitted codec (batch and streaming)."""
+    from moshivis_lab.audio.codecs import load_codec
+    from moshivis_lab.world.speech import ASSISTANT_VOICE, synthesize
+
+    try:
+        codec = load_codec(cfg)
+    except FileNotFoundError as e:
+        return {"skipped": str(e)}
+    wav = np.concatenate(
+        [
+            synthesize(s, ASSISTANT_VOICE).wav
+            for s in (
+                "Hello there, what can you see in the picture?",
+                "There is a large red star at the top left and a small blue circle in the centre.",
+                "Three plus four is seven. Have a nice day!",
+            )
+        ]
+    )
+    seconds = len(wav) / codec.sample_rate
+    codes = codec.encode(wav)
+    enc = timed(lambda: codec.encode(wav), 5)
+    dec = timed(lambda: codec.decode(codes), 5)
+
+    def stream_decode() -> None:
+        s = codec.streaming_decoder()
+        for t in range(codes.shape[1]):
+            s.step(codes[:, t])
+
+    sdec = timed(stream_decode, 3)
+    return {
+        "audio_seconds": round(seconds, 2),
+        "encode_x_realtime": seconds / enc["median_s"],
+        "encode_x_realtime_spread": [seconds / enc["max_s"], seconds / enc["min_s"]],
+        "decode_x_realtime": seconds / dec["median_s"],
+        "decode_x_realtime_spread": [seconds / dec["max_s"], seconds / dec["min_s"]],
+        "stream_decode_ms_per_frame": 1000 * sdec["median_s"] / codes.shape[1],
+    }
+
+
+def to_markdown(res: dict) -> str:
+    """The results as a markdown table."""
+    lines = ["| group | metric | value |", "|---|---|---|"]
+    for group, vals in res.items():
+        if not isinstance(vals, dict):
+            continue
+        for k, v in vals.items():
+            if isinstance(v, float):
+                v = f"{v:,.2f}"
+            elif isinstance(v, list):
+                v = " – ".join(f"{x:,.1f}" for x in v)
+            lines.append(f"| {group} | {k} | {v} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Run every benchmark and write ``results/bench.json`` and ``results/bench.md``."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--preset", default="tiny")
+    args = ap.parse_args()
+    cfg = preset(args.preset)
+    import torch
+
+    res = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "world": bench_world(cfg),
+        "codec": bench_codec(cfg),
+    }
+    build = cfg.data_dir / cfg.name / "build_report.json"
+    if build.exists():
+        rep = json.loads(build.read_text())
+        res["data_build"] = {f"{k}_s": v.get("seconds", 0.0) for k, v in rep["stages"].items()}
+    OUT.mkdir(exist_ok=True)
+    (OUT / "bench.json").write_text(json.dumps(res, indent=1))
+    md = to_markdown(res)
+    (OUT / "bench.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
