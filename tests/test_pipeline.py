@@ -171,3 +171,21 @@ def test_every_split_is_loadable(built) -> None:
         assert len(sh["text"]) > 0
     with pytest.raises(ValueError, match="unknown split"):
         load_split(cfg, "dev")
+
+
+def test_segment_encoding_equals_whole_channel_encoding(built) -> None:
+    cfg, _ = built
+    from moshivis_lab.audio.codecs import load_codec
+    from moshivis_lab.world.shards import SegmentEncoder
+
+    codec = load_codec(cfg)
+    enc = SegmentEncoder(codec)
+    recs = list(formats.read_spoken_index(world_paths(cfg, "train")["spoken"]))[:6]
+    for r in recs:
+        for ch in r.load(codec.sample_rate):
+            np.testing.assert_array_equal(enc.encode(ch), codec.encode(ch))
+    noisy = np.random.default_rng(0).normal(0, 1e-3, 5 * codec.frame_size).astype(np.float32)
+    np.testing.assert_array_equal(enc.encode(noisy), codec.encode(noisy))
+    np.testing.assert_array_equal(
+        enc.encode(np.zeros(100, np.float32)), codec.encode(np.zeros(100, np.float32))
+    )

@@ -77,6 +77,23 @@ def test_frame_counts(codec: TinyCodec, speech: np.ndarray, n: int, amp: float) 
     assert np.all(np.isfinite(y)) and np.abs(y).max() < 4.0
 
 
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(n=st.integers(1, 4 * 1920), chunk=st.integers(1, 3000))
+def test_streaming_equals_batch_any_length(
+    codec: TinyCodec, speech: np.ndarray, n: int, chunk: int
+) -> None:
+    x = np.resize(speech, n).astype(np.float32)
+    enc = codec.streaming_encoder()
+    parts = [enc.push(x[i : i + chunk]) for i in range(0, n, chunk)] + [enc.flush()]
+    codes = codec.encode(x)
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), codes)
+    dec = codec.streaming_decoder()
+    y = np.concatenate([dec.step(c) for c in codes.T])
+    np.testing.assert_allclose(y, codec.decode(codes), atol=1e-5)
+
+
 def test_bad_inputs(codec: TinyCodec, speech: np.ndarray) -> None:
     bad = speech.copy()
     bad[100] = np.nan
@@ -103,6 +120,12 @@ def test_bad_inputs(codec: TinyCodec, speech: np.ndarray) -> None:
     dec = codec.streaming_decoder()
     with pytest.raises(ValueError, match="shape"):
         dec.step(codes[:, :2])
+    enc = codec.streaming_encoder()
+    enc.push(speech[:1000])
+    enc.flush()
+    with pytest.raises(ValueError, match="flushed"):
+        enc.push(speech[:1000])
+    assert codec.decode(np.zeros((8, 0), np.int64)).shape == (0,)
     with pytest.raises(ValueError, match="kind='tiny'"):
         TinyCodec(CodecConfig.mimi("/nowhere"), codec.tables)
 
@@ -131,6 +154,11 @@ def test_input_formats(codec: TinyCodec, speech: np.ndarray) -> None:
 
     x44 = soxr.resample(speech, SR, 44100).astype(np.float32).clip(-1, 1)
     c44 = codec.encode(x44, sample_rate=44100)
+    enc = codec.streaming_encoder(sample_rate=44100)
+    s44 = np.concatenate(
+        [enc.push(x44[i : i + 4410]) for i in range(0, x44.size, 4410)] + [enc.flush()], axis=1
+    )
+    assert s44.shape == c44.shape and (s44[1] == c44[1]).mean() > 0.8
     assert abs(c44.shape[1] - ref.shape[1]) <= 1
     n = min(c44.shape[1], ref.shape[1])
     voiced = (ref[1, :n] > 0) & (c44[1, :n] > 0)
@@ -204,14 +232,14 @@ def test_streaming_matches_batch(codec: TinyCodec, speech: np.ndarray) -> None:
 
 def test_round_trip_quality_on_heldout_voices(codec: TinyCodec) -> None:
     """Pitch and voicing survive the round trip on voices the codec never heard."""
-    held = heldout(8, tuple(USER_VOICES[-2:]), seed=777)
+    held = heldout(12, tuple(USER_VOICES[-2:]), seed=777)
     r = codec_round_trip_report(codec, held)
     assert r["f0_corr"] >= 0.9, r
     assert r["f0_median_rel_err"] <= 0.05, r
     assert r["voicing_agreement"] >= 0.9, r
     assert r["mcd_db"] < 6.0, r
     assert r["encode_rtf"] > 20 and r["decode_rtf"] > 10, r  # loose: CI machines are shared
-    own = codec_round_trip_report(codec, heldout(4, (ASSISTANT_VOICE,), seed=778))
+    own = codec_round_trip_report(codec, heldout(6, (ASSISTANT_VOICE,), seed=778))
     assert own["f0_corr"] >= 0.9 and own["voicing_agreement"] >= 0.9, own
     assert own["f0_median_rel_err"] <= 0.05 and own["mcd_db"] < 6.0, own
 

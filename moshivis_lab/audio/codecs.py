@@ -67,7 +67,7 @@ def fit_codec_stage(cfg: LabConfig, progress: bool = True) -> dict:
     report = evaluate_codec(cfg, codec)
     report["fit_seconds"] = round(fit_s, 2)
     write_json(cfg.codec_dir / "report.json", report)
-    return stage.finish(**report)
+    return stage.finish(seconds=round(time.time() - t0, 2), **report)
 
 
 def heldout_speech(n: int = 12, seed: int = 123) -> dict[str, list[np.ndarray]]:

@@ -32,7 +32,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import librosa
 import numpy as np
@@ -40,8 +40,12 @@ import scipy.fft
 from safetensors.numpy import load_file, save_file
 
 from moshivis_lab.artefacts import atomic_path, sha256_file
+from moshivis_lab.audio.io import to_mono_float
 from moshivis_lab.audio.protocol import n_frames, prepare_input, validate_codes, validate_frame
 from moshivis_lab.config import CodecConfig
+
+if TYPE_CHECKING:
+    from moshivis_lab.world.speech import Utterance, Voice
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "tiny_codec.json"
@@ -62,8 +66,6 @@ VOICING_WEIGHT = 1.0  # weight of the voicing bits against log-F0 deviations in 
 NOISE_TABLE = 1 << 16
 NOISE_SEED = 20250101
 VOICED_CUTOFF_HZ = 5500.0  # voiced excitation: harmonics below, noise above (mixed excitation)
-OFF_A = 2.0
-OFF_B = 1.0
 BREATH = 0.1  # share of noise in the voiced excitation below the cutoff
 
 
@@ -614,9 +616,10 @@ class _Synth:
         f0_start = np.where(prev_voiced, prev_held, held)
         frac = (np.arange(S) + 1.0) / S
         logf0 = f0_start[:, None] + (held - f0_start)[:, None] * frac[None]
-        # Voicing spreads half a segment (10 ms) from a voiced point, then ramps over the other half.
+        # Voicing edges (tuned against pYIN): an onset ramps up over the first half of the segment,
+        # an offset ramps down over its middle half.
         on = np.clip(2.0 * frac, 0.0, 1.0)
-        off = np.clip(OFF_A * frac - OFF_B, 0.0, 1.0)
+        off = np.clip(2.0 * frac - 0.5, 0.0, 1.0)
         ramp = np.where((voicing > prev_voicing)[:, None], on[None], off[None])
         v = prev_voicing[:, None] + (voicing - prev_voicing)[:, None] * ramp
         f0 = np.exp(logf0).reshape(-1)
@@ -709,7 +712,6 @@ class TinyStreamingEncoder:
             self._resampler = soxr.ResampleStream(
                 sample_rate, codec.sample_rate, 1, dtype="float32"
             )
-        self._sr = sample_rate
         self._buf = np.zeros(an.pad_left)  # left context of frame 0 is zeros, as in batch
         self._done = 0  # frames emitted
         self._received = 0  # samples (at the codec rate) received
@@ -717,8 +719,6 @@ class TinyStreamingEncoder:
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """Add samples (any PCM dtype, mono/stereo); return codes ``[K, n]`` of completed frames."""
-        from moshivis_lab.audio.io import to_mono_float
-
         if self._flushed:
             raise ValueError("this streaming encoder was flushed; start a new one")
         x = to_mono_float(samples, name="streamed audio").astype(np.float64)
@@ -740,9 +740,10 @@ class TinyStreamingEncoder:
             self._received += tail.size
         self._flushed = True
         total = n_frames(self._received, self.codec.frame_size)
-        return self._emit(total - self._done, pad=True)
+        return self._emit(total - self._done)
 
-    def _emit(self, n: int, pad: bool = False) -> np.ndarray:
+    def _emit(self, n: int) -> np.ndarray:
+        """Codes of the next ``n`` frames (zero-padded past what was received); drop their audio."""
         codec, an, F = self.codec, self.codec._an, self.codec.frame_size
         if n <= 0:
             return np.zeros((codec.num_codebooks, 0), dtype=np.int64)
@@ -821,7 +822,7 @@ def fitting_sentences(n: int, seed: int = 0) -> list[str]:
 
 
 def fitting_speech(
-    n_sentences: int, voices: Sequence[Any] | None = None, seed: int = 0
+    n_sentences: int, voices: Sequence[Voice] | None = None, seed: int = 0
 ) -> list[np.ndarray]:
     """Synthesise ``n_sentences`` varied sentences round-robin over ``voices`` (24 kHz float32).
 
@@ -840,7 +841,9 @@ def fitting_speech(
 
 
 def fit_on_utterances(
-    utterances: Iterable[Any], cfg: CodecConfig | None = None, progress: bool = True
+    utterances: Iterable[Utterance | np.ndarray],
+    cfg: CodecConfig | None = None,
+    progress: bool = True,
 ) -> TinyCodec:
     """Fit a tiny codec on ``world.speech.Utterance`` objects (or plain 24 kHz arrays)."""
     cfg = cfg or CodecConfig.tiny()

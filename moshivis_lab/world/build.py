@@ -62,8 +62,15 @@ def pool_map(
 
 
 def iter_files(root: Path, patterns: Iterable[str]) -> list[Path]:
-    """Files under ``root`` matching any glob pattern, sorted (stable across runs)."""
-    return sorted({p for pat in patterns for p in root.glob(pat) if p.is_file()})
+    """Files under ``root`` matching any glob pattern, sorted; hidden files (stage stamps) skipped."""
+    return sorted(
+        {
+            p
+            for pat in patterns
+            for p in root.glob(pat)
+            if p.is_file() and not p.name.startswith(".")
+        }
+    )
 
 
 def write_checksums(root: Path, files: Iterable[Path], out: Path) -> str:

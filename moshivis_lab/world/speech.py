@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import re
 import threading
+import zlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -141,6 +142,10 @@ class _Engine:
         self.lib.espeak_SetSynthCallback(self._cb)
         self.lock = threading.Lock()
         self._voice: Voice | None = None
+        # Some voice variants mix in noise from espeak-ng's generator and libc's rand(), which
+        # are seeded from the clock; both are re-seeded from the utterance before each synthesis.
+        self.lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        self._libc = ctypes.CDLL(None)
 
     def _on_audio(self, wav, n, events) -> int:  # noqa: ANN001 (ctypes callback)
         if n > 0:
@@ -169,6 +174,9 @@ class _Engine:
             self.set_voice(voice)
             self._chunks, self._events = [], []
             b = text.encode("utf-8")
+            seed = zlib.crc32(voice.espeak.encode() + b"\0" + b)
+            self.lib.espeak_ng_SetRandSeed(seed)
+            self._libc.srand(seed)
             err = self.lib.espeak_Synth(
                 b, len(b) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None
             )
@@ -244,4 +252,5 @@ def synthesize(
         )
     if words:  # drop the synthesizer's trailing silence, keep a 50 ms tail
         wav = wav[: min(len(wav), int((words[-1].end + 0.05) * sample_rate))]
+    wav = np.clip(wav, -1.0, 1.0)  # a few voices overshoot full scale by < 1 % after resampling
     return Utterance(text=text, voice=voice.name, wav=wav, words=words, sample_rate=sample_rate)
