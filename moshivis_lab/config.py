@@ -245,6 +245,133 @@ class TokenizerConfig:
         _probability(self, "character_coverage")
 
 
+MOSHI_DELAYS = (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """The Moshi speech-text LM: temporal transformer ("Helium") + depth transformer ("depformer").
+
+    Row 0 of a token grid is text, rows 1..dep_q Moshi's audio codebooks, the next rows the
+    user's. ``delays`` has one entry per row (1 + n_q). Loss weights follow moshi-finetune.
+    """
+
+    dim: int = 256
+    num_layers: int = 6
+    num_heads: int = 8
+    hidden_scale: float = 4.125
+    context: int = 3000
+    max_period: float = 10000.0
+    norm_eps: float = 1e-8
+    text_card: int = 1000
+    existing_text_padding_id: int = TEXT_PAD_ID
+    existing_text_end_padding_id: int = TEXT_EPAD_ID
+    card: int = 256
+    n_q: int = 16  # audio rows in the grid (Moshi's 8 + the user's 8)
+    dep_q: int = 8  # audio rows the depformer generates (Moshi's own)
+    delays: tuple[int, ...] = MOSHI_DELAYS
+    depformer_dim: int = 128
+    depformer_num_layers: int = 2
+    depformer_num_heads: int = 4
+    depformer_hidden_scale: float = 4.125
+    depformer_context: int = 8  # kept for moshi's kwargs; moshi's depformer attends to all steps
+    depformer_weights_per_step: bool = True  # one set of attention/FFN weights per codebook step
+    depformer_multi_linear: bool = True  # one `depformer_in` projection per codebook step
+    text_weight: float = 1.0
+    audio_weight: float = 1.0
+    semantic_weight: float = 100.0  # first audio codebook's loss multiplier
+    text_padding_weight: float = 0.5  # PAD / EPAD text targets' loss multiplier
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "delays", tuple(int(d) for d in self.delays))
+        _positive(
+            self,
+            "dim",
+            "num_layers",
+            "num_heads",
+            "context",
+            "text_card",
+            "card",
+            "n_q",
+            "dep_q",
+            "depformer_dim",
+            "depformer_num_layers",
+            "depformer_num_heads",
+            "hidden_scale",
+            "depformer_hidden_scale",
+            "norm_eps",
+        )
+        _check(
+            self.dim % self.num_heads == 0, "LMConfig", "num_heads", f"must divide dim {self.dim}"
+        )
+        _check(
+            self.depformer_dim % self.depformer_num_heads == 0,
+            "LMConfig",
+            "depformer_num_heads",
+            f"must divide depformer_dim {self.depformer_dim}",
+        )
+        _check(
+            (self.dim // self.num_heads) % 2 == 0,
+            "LMConfig",
+            "num_heads",
+            "head dim must be even (RoPE)",
+        )
+        _check(self.dep_q <= self.n_q, "LMConfig", "dep_q", f"must be <= n_q ({self.n_q})")
+        _check(
+            len(self.delays) == 1 + self.n_q,
+            "LMConfig",
+            "delays",
+            f"needs 1 + n_q = {1 + self.n_q} entries, got {len(self.delays)}",
+        )
+        _check(all(d >= 0 for d in self.delays), "LMConfig", "delays", "must be >= 0")
+        for n in ("existing_text_padding_id", "existing_text_end_padding_id"):
+            _check(0 <= getattr(self, n) < self.text_card, "LMConfig", n, "must be a valid text id")
+        for n in ("text_weight", "audio_weight", "semantic_weight", "text_padding_weight"):
+            _check(getattr(self, n) >= 0, "LMConfig", n, "must be >= 0")
+
+    @property
+    def num_codebooks(self) -> int:
+        """Rows of a token grid: 1 text + n_q audio."""
+        return 1 + self.n_q
+
+    @property
+    def max_delay(self) -> int:
+        """The largest delay (frames)."""
+        return max(self.delays)
+
+    @property
+    def dim_feedforward(self) -> int:
+        """Temporal FFN width (``hidden_scale * dim``, as Moshi computes it)."""
+        return int(self.hidden_scale * self.dim)
+
+    @property
+    def depformer_dim_feedforward(self) -> int:
+        """Depformer FFN width."""
+        return int(self.depformer_hidden_scale * self.depformer_dim)
+
+    @classmethod
+    def tiny(cls, text_card: int = 1000, card: int = 256) -> LMConfig:
+        """A few-million-parameter Moshi for CPU (dim 256, 6 layers, depformer 128 x 2)."""
+        return cls(text_card=text_card, card=card, context=750)
+
+    @classmethod
+    def moshi_7b(cls) -> LMConfig:
+        """The released Moshi 7B numbers exactly."""
+        return cls(
+            dim=4096,
+            num_layers=32,
+            num_heads=32,
+            hidden_scale=4.125,
+            context=3000,
+            text_card=32000,
+            card=2048,
+            depformer_dim=1024,
+            depformer_num_layers=6,
+            depformer_num_heads=16,
+            depformer_hidden_scale=4.125,
+        )
+
+
 @dataclass(frozen=True)
 class LabConfig:
     """Everything one run of the lab needs: where artefacts live and each room's config."""
