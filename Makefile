@@ -7,6 +7,7 @@ PRESET ?= tiny
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
+export NO_TORCH_COMPILE := 1
 
 .PHONY: venv test lint reproduce data lab bench clean-data
 
@@ -14,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# Kyutai's moshi package, only as a test reference (it pins torch<2.10, hence --no-deps)
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps moshi einops
 	touch $(STAMP)
 
 venv: $(STAMP)
