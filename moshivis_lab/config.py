@@ -46,6 +46,16 @@ def _range(obj: Any, name: str) -> None:
     )
 
 
+def default_data_dir() -> Path:
+    """``$MOSHIVIS_DATA``, else the checkout's ``data/`` (so notebooks and the CLI share it), else ./data."""
+    if os.environ.get("MOSHIVIS_DATA"):
+        return Path(os.environ["MOSHIVIS_DATA"])
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").exists() and (root / "moshivis_lab").is_dir():
+        return root / "data"
+    return Path("data")
+
+
 @dataclass(frozen=True)
 class WorldConfig:
     """The synthetic image-and-dialogue world: how many scenes, dialogues and samples, and how."""
@@ -377,7 +387,7 @@ class LabConfig:
     """Everything one run of the lab needs: where artefacts live and each room's config."""
 
     name: str = "tiny"
-    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("MOSHIVIS_DATA", "data")))
+    data_dir: Path = field(default_factory=lambda: default_data_dir())
     world: WorldConfig = field(default_factory=WorldConfig.tiny)
     codec: CodecConfig = field(default_factory=CodecConfig.tiny)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
