@@ -141,7 +141,7 @@ def alignment_figure(
     fig.add_trace(
         go.Scatter(
             x=(frames + 0.5) / frame_rate,
-            y=np.zeros(len(frames)),
+            y=(frames % 2) * 0.6,  # staggered so neighbouring tokens stay readable
             mode="text",
             text=labels,
             textfont={"size": 9, "color": [colours[k] for k in kind]},
