@@ -61,5 +61,37 @@ def info(preset_name: PresetOpt = "tiny", data_dir: DataDirOpt = None) -> None:
     )
 
 
+@app.command("pretrain-speech")
+def pretrain_speech_cmd(
+    preset_name: PresetOpt = "tiny",
+    data_dir: DataDirOpt = None,
+    steps: Annotated[int | None, typer.Option(help="training steps (default: preset)")] = None,
+    minutes: Annotated[
+        float | None, typer.Option(help="wall-clock training budget (default: preset)")
+    ] = None,
+    n_dialogues: Annotated[int, typer.Option(help="held-out dialogues to question")] = 50,
+    split: Annotated[str, typer.Option(help="held-out split to evaluate on")] = "val",
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Build missing data, pretrain the speech LM (resumable), evaluate it, print the report."""
+    from moshivis_lab.pipeline import build_data
+    from moshivis_lab.train.pretrain import PretrainConfig, load_speech_lm, pretrain_speech
+    from moshivis_lab.train.speech_eval import evaluate_speech_lm
+
+    cfg = preset(preset_name, data_dir)
+    tcfg = PretrainConfig.smoke() if preset_name == "smoke" else PretrainConfig.tiny()
+    if steps is not None:
+        tcfg = tcfg.replace(steps=steps, warmup_steps=min(tcfg.warmup_steps, steps))
+    if minutes is not None:
+        tcfg = tcfg.replace(minutes=minutes)
+    build_data(cfg, progress=not quiet)
+    train = pretrain_speech(cfg, tcfg, progress=not quiet)
+    model = load_speech_lm(cfg)
+    report = evaluate_speech_lm(
+        cfg, model, split=split, n_dialogues=n_dialogues, progress=not quiet
+    )
+    typer.echo(json.dumps({"train": train, "eval": report}, indent=1, default=str))
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,397 @@
+"""Pretrain the tiny Moshi from scratch on the world's spoken dialogues (text + both audio streams).
+
+Batches are random ``seq_len``-frame crops of the train split's aligned grids ``[17, T]`` (shorter
+grids are padded with the zero token -1, which the model masks out of the loss). AdamW with linear
+warmup and a cosine decay; the loss is ``MoshiLM.loss``. Everything lives under
+``cfg.data_dir / cfg.name / "speech_lm"``:
+
+- ``ckpt/model_XXXXXX.safetensors`` (``save_moshi``) + ``ckpt/optim_XXXXXX.pt`` (optimizer and
+  torch RNG state, read back with ``torch.load(weights_only=True)``), and ``state.json`` naming
+  the latest pair (written last, atomically: a crash never leaves a half checkpoint in use);
+- ``metrics.jsonl`` (one line per logged step / evaluation);
+- ``model.safetensors`` and ``.pretrain.done.json`` once every step has run.
+
+A rerun resumes from ``state.json``; a finished run is skipped. The batch of step ``s`` depends
+only on ``(seed, s)``, so an interrupted-and-resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from moshivis_lab.artefacts import Stage, atomic_open, atomic_path, config_hash, read_json
+from moshivis_lab.artefacts import write_json as _write_json
+from moshivis_lab.config import ZERO_TOKEN, LabConfig, LMConfig, _check, _positive
+from moshivis_lab.model.checkpoint import load_moshi, load_weights, save_moshi
+from moshivis_lab.model.lm import MoshiLM
+from moshivis_lab.world.shards import ShardReader, load_split
+
+LOSS_KEYS = ("loss", "text_loss", "audio_loss", "semantic_loss", "acoustic_loss")
+# Fields that do not change what is trained (left out of the run's identity key).
+_RUNTIME_FIELDS = ("minutes", "eval_interval", "ckpt_interval", "log_interval", "threads")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Hyper-parameters of speech-LM pretraining (validated on construction)."""
+
+    steps: int = 1200
+    batch_size: int = 8
+    seq_len: int = 128  # frames per crop (12.5 Hz: 128 = 10.24 s)
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_interval: int = 200
+    eval_batches: int = 4  # fixed val crops per evaluation
+    ckpt_interval: int = 200
+    log_interval: int = 10
+    minutes: float = 13.0  # wall-clock budget of one invocation; stops (resumably) when spent
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        _positive(
+            self,
+            "steps",
+            "batch_size",
+            "seq_len",
+            "lr",
+            "eval_interval",
+            "eval_batches",
+            "ckpt_interval",
+            "log_interval",
+            "minutes",
+            "threads",
+            "grad_clip",
+        )
+        name = "PretrainConfig"
+        _check(
+            0 <= self.warmup_steps <= self.steps,
+            name,
+            "warmup_steps",
+            f"must be in [0, steps={self.steps}], got {self.warmup_steps}",
+        )
+        _check(
+            0.0 <= self.min_lr_ratio <= 1.0,
+            name,
+            "min_lr_ratio",
+            f"must be in [0, 1], got {self.min_lr_ratio}",
+        )
+        _check(
+            self.weight_decay >= 0, name, "weight_decay", f"must be >= 0, got {self.weight_decay}"
+        )
+        for n in ("beta1", "beta2"):
+            v = getattr(self, n)
+            _check(0.0 <= v < 1.0, name, n, f"must be in [0, 1), got {v}")
+        _check(self.seed >= 0, name, "seed", f"must be >= 0, got {self.seed}")
+
+    def replace(self, **changes: Any) -> PretrainConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def tiny(cls) -> PretrainConfig:
+        """The tiny preset: ~1200 steps of 8 x 128 frames, about 10 min on 2 CPU cores."""
+        return cls()
+
+    @classmethod
+    def smoke(cls) -> PretrainConfig:
+        """A few seconds of training for tests and notebook CI."""
+        return cls(
+            steps=6,
+            batch_size=2,
+            seq_len=32,
+            lr=3e-3,
+            warmup_steps=2,
+            eval_interval=3,
+            eval_batches=1,
+            ckpt_interval=3,
+            log_interval=1,
+            minutes=2.0,
+        )
+
+
+def speech_lm_dir(cfg: LabConfig) -> Path:
+    """Where the pretrained speech LM, its checkpoints and metrics live."""
+    return cfg.data_dir / cfg.name / "speech_lm"
+
+
+def lm_config_for(cfg: LabConfig) -> LMConfig:
+    """``LMConfig.tiny`` sized to the world's tokenizer and codec (read from the shard manifest)."""
+    manifest = read_json(cfg.shards_dir / "manifest.json")
+    return LMConfig.tiny(
+        text_card=int(manifest["text_vocab"]), card=int(manifest["codec"]["cardinality"])
+    )
+
+
+def lr_at(step: int, tcfg: PretrainConfig) -> float:
+    """Learning rate of update ``step`` (0-based): linear warmup, then cosine to the floor."""
+    if step < tcfg.warmup_steps:
+        return tcfg.lr * (step + 1) / tcfg.warmup_steps
+    progress = (step - tcfg.warmup_steps) / max(1, tcfg.steps - tcfg.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    cos = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return tcfg.lr * (tcfg.min_lr_ratio + (1.0 - tcfg.min_lr_ratio) * cos)
+
+
+def crop_grid(grid: np.ndarray, seq_len: int, rng: np.random.Generator) -> np.ndarray:
+    """A random ``seq_len``-frame crop of ``grid [K, T]``, right-padded with -1 when shorter."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be > 0, got {seq_len}")
+    k, t = grid.shape
+    out = np.full((k, seq_len), ZERO_TOKEN, dtype=np.int64)
+    if t > seq_len:
+        start = int(rng.integers(0, t - seq_len + 1))
+        out[:] = grid[:, start : start + seq_len]
+    else:
+        out[:, :t] = grid
+    return out
+
+
+def sample_batch(
+    reader: ShardReader, batch_size: int, seq_len: int, rng: np.random.Generator
+) -> torch.Tensor:
+    """``[B, K, seq_len]`` long tensor of random crops of random grids of a speech shard."""
+    if len(reader) == 0:
+        raise ValueError(f"{reader.path}: the speech shard is empty; nothing to train on")
+    idx = rng.integers(0, len(reader), size=batch_size)
+    return torch.from_numpy(np.stack([crop_grid(reader.tokens(int(i)), seq_len, rng) for i in idx]))
+
+
+def batch_for_step(reader: ShardReader, tcfg: PretrainConfig, step: int) -> torch.Tensor:
+    """The training batch of update ``step``: a function of ``(seed, step)`` only."""
+    rng = np.random.default_rng([tcfg.seed, step])
+    return sample_batch(reader, tcfg.batch_size, tcfg.seq_len, rng)
+
+
+def make_optimizer(model: MoshiLM, tcfg: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms (1-D tensors) and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "emb" in name else decay).append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": tcfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=tcfg.lr,
+        betas=(tcfg.beta1, tcfg.beta2),
+    )
+
+
+def _floats(parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(parts[k].detach()) for k in LOSS_KEYS}
+
+
+def train_step(
+    model: MoshiLM,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    lr: float,
+    grad_clip: float,
+) -> dict[str, float]:
+    """One AdamW update on ``batch [B, K, T]``; returns the loss parts and the gradient norm."""
+    model.train()
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    out = model(batch)
+    parts = model.loss(batch, out)
+    optimizer.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return {**_floats(parts), "grad_norm": float(norm)}
+
+
+@torch.no_grad()
+def eval_loss(model: MoshiLM, batches: list[torch.Tensor]) -> dict[str, float]:
+    """Mean loss parts over fixed batches (no gradient)."""
+    model.eval()
+    sums = dict.fromkeys(LOSS_KEYS, 0.0)
+    for b in batches:
+        parts = _floats(model.loss(b, model(b)))
+        for k in LOSS_KEYS:
+            sums[k] += parts[k]
+    return {k: v / max(1, len(batches)) for k, v in sums.items()}
+
+
+def _run_key(cfg: LabConfig, lm_cfg: LMConfig, tcfg: PretrainConfig) -> str:
+    trained = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in _RUNTIME_FIELDS}
+    return config_hash(cfg.world, cfg.codec, cfg.tokenizer, lm_cfg, trained)
+
+
+def _save_checkpoint(
+    out: Path, model: MoshiLM, opt: torch.optim.Optimizer, step: int, elapsed: float, key: str
+) -> None:
+    """Write the step's model + optimizer files, then point ``state.json`` at them; prune old."""
+    ck = out / "ckpt"
+    model_name, optim_name = f"model_{step:06d}.safetensors", f"optim_{step:06d}.pt"
+    save_moshi(model, ck / model_name)
+    with atomic_path(ck / optim_name) as tmp:
+        torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, tmp)
+    _write_json(
+        out / "state.json",
+        {"key": key, "step": step, "elapsed_s": elapsed, "model": model_name, "optim": optim_name},
+    )
+    for p in ck.glob("*_*.*"):
+        if p.name not in (model_name, optim_name) and not p.name.startswith("."):
+            p.unlink(missing_ok=True)
+
+
+def _keep_metrics_upto(path: Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write("".join(x + "\n" for x in keep))
+
+
+def load_speech_lm(cfg: LabConfig) -> MoshiLM:
+    """The pretrained speech LM of ``cfg``: the final model, else the latest checkpoint."""
+    out = speech_lm_dir(cfg)
+    if (out / "model.safetensors").exists():
+        return load_moshi(out / "model.safetensors")
+    if (out / "state.json").exists():
+        return load_moshi(out / "ckpt" / read_json(out / "state.json")["model"])
+    raise FileNotFoundError(
+        f"no speech LM under {out}; run `moshivis-lab pretrain-speech --preset {cfg.name}`"
+    )
+
+
+def pretrain_speech(
+    cfg: LabConfig,
+    tcfg: PretrainConfig,
+    progress: bool = True,
+    *,
+    lm_cfg: LMConfig | None = None,
+    max_new_steps: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Train (or resume, or skip when finished) the speech LM; return the run's report.
+
+    ``lm_cfg`` defaults to ``lm_config_for(cfg)``. ``max_new_steps`` stops this invocation after
+    that many updates (checkpointed, resumable). A run directory made with other settings raises
+    a ValueError unless ``overwrite`` (which deletes it).
+    """
+    if max_new_steps is not None and max_new_steps < 1:
+        raise ValueError(f"max_new_steps must be >= 1, got {max_new_steps}")
+    lm_cfg = lm_cfg or lm_config_for(cfg)
+    out = speech_lm_dir(cfg)
+    key = _run_key(cfg, lm_cfg, tcfg)
+    stage = Stage(out, "pretrain", key)
+    state_path, metrics_path = out / "state.json", out / "metrics.jsonl"
+    old_key = read_json(state_path).get("key") if state_path.exists() else None
+    if old_key is not None and old_key != key:
+        if not overwrite:
+            raise ValueError(
+                f"{out} holds a run with other settings (key {old_key} != {key}); "
+                "pass overwrite=True (CLI: delete the directory) to start again"
+            )
+        shutil.rmtree(out)
+    if stage.done and (out / "model.safetensors").exists():
+        return stage.info()
+
+    torch.set_num_threads(tcfg.threads)
+    train = load_split(cfg, "train")["speech"]
+    val = load_split(cfg, "val")["speech"]
+    torch.manual_seed(tcfg.seed)
+    model = MoshiLM(lm_cfg)
+    opt = make_optimizer(model, tcfg)
+    step, elapsed_before = 0, 0.0
+    if state_path.exists():
+        st = read_json(state_path)
+        load_weights(model, out / "ckpt" / st["model"])
+        blob = torch.load(out / "ckpt" / st["optim"], weights_only=True)
+        opt.load_state_dict(blob["optimizer"])
+        torch.set_rng_state(blob["torch_rng"])
+        step, elapsed_before = int(st["step"]), float(st["elapsed_s"])
+        _keep_metrics_upto(metrics_path, step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+    eval_rng = np.random.default_rng([tcfg.seed, 10**9])
+    val_batches = [
+        sample_batch(val, tcfg.batch_size, tcfg.seq_len, eval_rng) for _ in range(tcfg.eval_batches)
+    ]
+    t_start = time.time()
+    budget_s = tcfg.minutes * 60.0
+    stop_at = tcfg.steps if max_new_steps is None else min(tcfg.steps, step + max_new_steps)
+    recent: list[dict[str, float]] = []
+    last_val: dict[str, float] | None = None
+    stopped = "steps"
+    bar = tqdm(total=tcfg.steps, initial=step, disable=not progress, desc="pretrain speech")
+    with open(metrics_path, "a", encoding="utf-8") as mf:
+        while step < stop_at:
+            if time.time() - t_start >= budget_s:
+                stopped = "time budget"
+                break
+            t0 = time.time()
+            batch = batch_for_step(train, tcfg, step)
+            lr = lr_at(step, tcfg)
+            parts = train_step(model, opt, batch, lr, tcfg.grad_clip)
+            dt = time.time() - t0
+            step += 1
+            recent = (recent + [parts])[-20:]
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.3f}", text=f"{parts['text_loss']:.2f}")
+            elapsed = elapsed_before + time.time() - t_start
+            if step % tcfg.log_interval == 0 or step == stop_at:
+                tokens = int((batch != ZERO_TOKEN).sum())
+                rec = {"step": step, "split": "train", **parts, "lr": lr}
+                rec |= {"tokens_per_s": tokens / dt, "elapsed_s": elapsed}
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
+            if step % tcfg.eval_interval == 0 or step == tcfg.steps:
+                last_val = eval_loss(model, val_batches)
+                rec = {"step": step, "split": "val", **last_val, "elapsed_s": elapsed}
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
+            if step % tcfg.ckpt_interval == 0 and step < stop_at:
+                _save_checkpoint(out, model, opt, step, elapsed, key)
+    bar.close()
+    elapsed = elapsed_before + time.time() - t_start
+    _save_checkpoint(out, model, opt, step, elapsed, key)
+    finished = step >= tcfg.steps
+    report: dict[str, Any] = {
+        "step": step,
+        "steps": tcfg.steps,
+        "finished": finished,
+        "stopped_by": stopped if not finished else "steps",
+        "elapsed_s": round(elapsed, 2),
+        "parameters": model.num_parameters(),
+        "train_loss_last20": (
+            {k: float(np.mean([r[k] for r in recent])) for k in LOSS_KEYS} if recent else None
+        ),
+        "val_loss": last_val,
+        "dir": str(out),
+        "pretrain": dataclasses.asdict(tcfg),
+    }
+    if finished:
+        save_moshi(model, out / "model.safetensors")
+        return stage.finish(**report)
+    return report
