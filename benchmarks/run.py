@@ -1,7 +1,8 @@
 """`make bench`: speed of the lab's parts on this machine, written as JSON and a markdown table.
 
-Now: data-world generation throughput (scenes, dialogues, TTS, timelines) and codec real-time
-factors (encode/decode, batch and streaming). Results go to ``benchmarks/results/``.
+Now: data-world generation throughput (scenes, dialogues, TTS, timelines), codec real-time
+factors (encode/decode, batch and streaming), and the tiny speech LM's streaming step latency,
+real-time factor and training step. Results go to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -105,6 +106,48 @@ def bench_codec(cfg) -> dict:  # noqa: ANN001
     }
 
 
+def bench_lm(cfg) -> dict:  # noqa: ANN001
+    """The tiny speech LM: streaming step latency (batch 1), real-time factor, training step."""
+    import torch
+
+    from moshivis_lab.config import LMConfig
+    from moshivis_lab.model import MoshiLM
+
+    torch.manual_seed(0)
+    lm_cfg = LMConfig.tiny()
+    model = MoshiLM(lm_cfg).eval()
+    user = torch.randint(0, lm_cfg.card, (1, lm_cfg.n_q - lm_cfg.dep_q))
+    n_steps = 100
+
+    def stream() -> None:
+        with torch.inference_mode(), model.streaming(1, seed=0):
+            for _ in range(n_steps):
+                model.step(user)
+
+    st = timed(stream, 3)
+    step_ms = 1000 * st["median_s"] / n_steps
+    codes = torch.randint(0, lm_cfg.card, (8, lm_cfg.num_codebooks, 128))
+    codes[:, 0] = torch.randint(0, lm_cfg.text_card, (8, 128))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step() -> None:
+        out = model(codes)
+        loss = model.loss(codes, out)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    tr = timed(train_step, 3)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "stream_step_ms": step_ms,
+        "stream_step_ms_spread": [1000 * st["min_s"] / n_steps, 1000 * st["max_s"] / n_steps],
+        "stream_x_realtime": 80.0 / step_ms,
+        "train_step_ms_b8_t128": 1000 * tr["median_s"],
+    }
+
+
 def to_markdown(res: dict) -> str:
     """The results as a markdown table."""
     lines = ["| group | metric | value |", "|---|---|---|"]
@@ -137,6 +180,7 @@ def main() -> None:
         },
         "world": bench_world(cfg),
         "codec": bench_codec(cfg),
+        "speech_lm": bench_lm(cfg),
     }
     build = cfg.data_dir / cfg.name / "build_report.json"
     if build.exists():
