@@ -24,14 +24,7 @@ from moshivis_lab.model import (
     undelay,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes thread sync costly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # A small model keeps the file fast; the moshi equivalence tests use the tiny preset itself.

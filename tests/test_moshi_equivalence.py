@@ -26,14 +26,7 @@ except Exception as e:  # noqa: BLE001 - any import failure means: no reference 
 from moshivis_lab.config import LMConfig
 from moshivis_lab.model import MoshiLM, count_parameters, load_moshi, save_moshi
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes thread sync costly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TOL = 1e-4

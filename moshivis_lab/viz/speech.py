@@ -12,6 +12,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from moshivis_lab.viz.style import finish
+
 LOSS_PARTS = ("loss", "text_loss", "audio_loss", "semantic_loss", "acoustic_loss")
 _INITIAL_Z = -0.25  # where initial-token cells sit on the colour axis (drawn black)
 _COLOURSCALE = [
@@ -93,13 +95,7 @@ def token_grid_figure(
     g, labels = _check_grid(grid, row_labels, initial)
     fig = go.Figure(_heatmap(g, labels, initial, True))
     fig.update_yaxes(autorange="reversed", tickfont={"size": 9})
-    fig.update_layout(
-        title=title,
-        xaxis_title="frame (12.5 Hz)",
-        height=120 + 18 * g.shape[0],
-        margin={"l": 10, "r": 10, "t": 50, "b": 40},
-    )
-    return fig
+    return finish(fig, height=120 + 18 * g.shape[0], title=title, xaxis_title="frame (12.5 Hz)")
 
 
 def delayed_vs_aligned_figure(
@@ -132,7 +128,7 @@ def delayed_vs_aligned_figure(
     fig.add_trace(_heatmap(d, labels, initial, False), row=2, col=1)
     fig.update_yaxes(autorange="reversed", tickfont={"size": 9})
     fig.update_xaxes(title_text="frame (12.5 Hz)", row=2, col=1)
-    fig.update_layout(height=200 + 36 * a.shape[0], margin={"l": 10, "r": 10, "t": 50, "b": 40})
+    finish(fig, height=200 + 36 * a.shape[0])
     return fig
 
 
@@ -167,12 +163,11 @@ def training_curves_figure(metrics: Sequence[dict], parts: Sequence[str] = LOSS_
             )
     if not fig.data:
         raise ValueError(f"no record carries any of the loss parts {list(parts)}")
-    fig.update_layout(
+    return finish(
+        fig,
+        height=420,
         title="speech-LM pretraining",
         xaxis_title="step",
         yaxis_title="cross-entropy (nats)",
         yaxis_type="log",
-        height=420,
-        margin={"l": 10, "r": 10, "t": 50, "b": 40},
     )
-    return fig

@@ -14,6 +14,7 @@ from PIL import Image
 from plotly.subplots import make_subplots
 
 from moshivis_lab.config import TEXT_EPAD_ID, TEXT_PAD_ID, ZERO_TOKEN
+from moshivis_lab.viz.style import finish
 
 
 def scene_grid(images: Sequence[Image.Image], scenes: Sequence[dict], cols: int = 4) -> go.Figure:
@@ -154,7 +155,7 @@ def alignment_figure(
     )
     fig.update_yaxes(visible=False, row=3, col=1)
     fig.update_xaxes(title_text="seconds", row=3, col=1)
-    fig.update_layout(height=520, showlegend=False, margin={"l": 40, "r": 10, "t": 40, "b": 40})
+    finish(fig, height=520, showlegend=False)
     return fig
 
 
@@ -165,14 +166,7 @@ def f0_figure(
     fig = go.Figure()
     for name, (times, f0) in contours.items():
         fig.add_trace(go.Scatter(x=times, y=f0, mode="lines", name=name, connectgaps=False))
-    fig.update_layout(
-        title=title,
-        xaxis_title="seconds",
-        yaxis_title="F0 (Hz)",
-        height=320,
-        margin={"l": 50, "r": 10, "t": 40, "b": 40},
-    )
-    return fig
+    return finish(fig, height=320, title=title, xaxis_title="seconds", yaxis_title="F0 (Hz)")
 
 
 def codes_figure(
@@ -190,11 +184,4 @@ def codes_figure(
             colorbar={"title": "code"},
         )
     )
-    fig.update_layout(
-        title=title,
-        xaxis_title="seconds",
-        yaxis_title="codebook",
-        height=260,
-        margin={"l": 50, "r": 10, "t": 40, "b": 40},
-    )
-    return fig
+    return finish(fig, height=260, title=title, xaxis_title="seconds", yaxis_title="codebook")
