@@ -79,9 +79,9 @@ class WorldConfig:
     )
     n_image_dialogues: int = 5000
     n_spoken_image_dialogues: int = 1000  # the spoken subset of the image dialogues
-    n_chitchat_dialogues: int = 2000  # all spoken
+    n_chitchat_dialogues: int = 5000  # all spoken
     n_image_text_samples: int = 20000  # speechless captions / VQA / OCR / counting
-    n_user_voices: int = 6
+    n_user_voices: int = 8
     n_heldout_voices: int = 2  # user voices kept out of codec fitting and training
     pause_range_s: tuple[float, float] = (0.24, 0.8)
     lead_in_range_s: tuple[float, float] = (0.16, 0.48)
@@ -136,7 +136,7 @@ class WorldConfig:
 
     @classmethod
     def tiny(cls) -> WorldConfig:
-        """The default offline world (>= 5k image dialogues, 2k spoken chit-chat, 20k samples)."""
+        """The default offline world (>= 5k image dialogues, 5k spoken chit-chat, 20k samples)."""
         return cls()
 
     @classmethod
@@ -449,3 +449,161 @@ def preset(name: str, data_dir: str | os.PathLike[str] | None = None) -> LabConf
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name](data_dir)
+
+
+XA_GATINGS = ("conditional_sigmoid", "tanh_scalar", "none")
+XA_SHARINGS = ("qkv", "kv", "none")
+
+
+@dataclass(frozen=True)
+class XAConfig:
+    """MoshiVis' gated cross-attention adapters (what is added to a frozen Moshi).
+
+    ``gating``: ``"conditional_sigmoid"`` (the paper's: ``g = sigmoid(W2 ReLU(W1 y) + gate_bias)``
+    per token and channel, ``W1`` dim -> dim/8, ``W2`` dim/8 -> dim, no bias), ``"tanh_scalar"``
+    (Flamingo's ``g = tanh(alpha)``, one scalar starting at 0) or ``"none"`` (``g = 1``).
+    ``sharing``: ``"qkv"`` (one Q/K/V/out module for every layer, the paper's default), ``"kv"``
+    (the K/V projection shared, Q and out per layer) or ``"none"`` (everything per layer).
+    ``gate_shared``: one gate module for every layer (with ``sharing="qkv"`` each layer then keeps
+    a scalar ``per_layer_alpha``, as in the reference code). ``xa_layers``: temporal layers that get
+    cross-attention (None = all). ``xa_start``: streaming steps skipped before cross-attention
+    starts (the released demos use 16). ``image_dim``: width of the image encoder's tokens.
+    ``num_heads``: cross-attention heads (None = the LM's).
+    """
+
+    gating: str = "conditional_sigmoid"
+    sharing: str = "qkv"
+    gate_shared: bool = False
+    xa_layers: tuple[int, ...] | None = None
+    xa_start: int = 0
+    image_dim: int = 1152
+    gate_bias: float = -4.0
+    num_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.gating in XA_GATINGS,
+            "XAConfig",
+            "gating",
+            f"must be one of {XA_GATINGS}, got {self.gating!r}",
+        )
+        _check(
+            self.sharing in XA_SHARINGS,
+            "XAConfig",
+            "sharing",
+            f"must be one of {XA_SHARINGS}, got {self.sharing!r}",
+        )
+        _check(
+            not (self.gate_shared and self.gating == "none"),
+            "XAConfig",
+            "gate_shared",
+            "gating='none' has no gate to share; set gate_shared=False or choose a gating",
+        )
+        if self.xa_layers is not None:
+            layers = tuple(int(i) for i in self.xa_layers)
+            _check(
+                len(layers) > 0,
+                "XAConfig",
+                "xa_layers",
+                "must list at least one layer (use None for every layer)",
+            )
+            _check(
+                all(i >= 0 for i in layers) and len(set(layers)) == len(layers),
+                "XAConfig",
+                "xa_layers",
+                f"must be distinct layer indices >= 0, got {layers}",
+            )
+            object.__setattr__(self, "xa_layers", tuple(sorted(layers)))
+        _check(self.xa_start >= 0, "XAConfig", "xa_start", f"must be >= 0, got {self.xa_start}")
+        _positive(self, "image_dim")
+        _check(
+            self.num_heads is None or self.num_heads > 0,
+            "XAConfig",
+            "num_heads",
+            f"must be None (the LM's heads) or > 0, got {self.num_heads!r}",
+        )
+        _check(
+            self.gate_bias == self.gate_bias and abs(self.gate_bias) != float("inf"),
+            "XAConfig",
+            "gate_bias",
+            f"must be finite, got {self.gate_bias!r}",
+        )
+
+    @classmethod
+    def tiny(cls, lm_cfg: LMConfig, image_dim: int) -> XAConfig:
+        """The paper's adapters for a tiny LM and encoder: cross-attention from step 0."""
+        return cls(image_dim=image_dim, num_heads=lm_cfg.num_heads, xa_start=0)
+
+    @classmethod
+    def moshika_vis(cls) -> XAConfig:
+        """The released moshika-vis adapters (SigLIP width 1152, demos skip 16 steps)."""
+        return cls(image_dim=1152, xa_start=16)
+
+
+@dataclass(frozen=True)
+class MoshiVisConfig:
+    """A Moshi LM with cross-attention adapters: ``lm`` and ``xa``, checked against each other."""
+
+    lm: LMConfig = field(default_factory=LMConfig.tiny)
+    xa: XAConfig = field(default_factory=lambda: XAConfig(image_dim=192))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lm, dict):
+            object.__setattr__(self, "lm", LMConfig(**self.lm))
+        if isinstance(self.xa, dict):
+            object.__setattr__(self, "xa", XAConfig(**self.xa))
+        n = self.lm.num_layers
+        if self.xa.xa_layers is not None:
+            bad = [i for i in self.xa.xa_layers if i >= n]
+            _check(
+                not bad,
+                "MoshiVisConfig",
+                "xa.xa_layers",
+                f"layers {bad} do not exist: the LM has {n} temporal layers (0..{n - 1})",
+            )
+        heads = self.xa_heads
+        _check(
+            self.lm.dim % heads == 0,
+            "MoshiVisConfig",
+            "xa.num_heads",
+            f"{heads} heads must divide the LM width {self.lm.dim}",
+        )
+        _check(
+            self.lm.dim >= 8,
+            "MoshiVisConfig",
+            "lm.dim",
+            f"the gate MLP needs dim >= 8 (hidden dim / 8), got {self.lm.dim}",
+        )
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Temporal layers with cross-attention, in order."""
+        if self.xa.xa_layers is None:
+            return tuple(range(self.lm.num_layers))
+        return self.xa.xa_layers
+
+    @property
+    def xa_heads(self) -> int:
+        """Cross-attention heads."""
+        return self.xa.num_heads or self.lm.num_heads
+
+    @property
+    def gate_hidden(self) -> int:
+        """Hidden width of the conditional gate MLP (dim / 8)."""
+        return self.lm.dim // 8
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``MoshiVisConfig(**d)`` rebuilds it)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def tiny(cls, lm: LMConfig | None = None, image_dim: int = 192, **xa: Any) -> MoshiVisConfig:
+        """Adapters for a tiny LM (``LMConfig.tiny()`` by default) and an ``image_dim`` encoder;
+        ``xa`` overrides XAConfig fields (e.g. ``sharing="kv"``)."""
+        lm = lm or LMConfig.tiny()
+        return cls(lm=lm, xa=dataclasses.replace(XAConfig.tiny(lm, image_dim), **xa))
+
+    @classmethod
+    def moshika_vis(cls) -> MoshiVisConfig:
+        """The released MoshiVis: Moshi 7B + the moshika-vis adapters (206,184,448 parameters)."""
+        return cls(lm=LMConfig.moshi_7b(), xa=XAConfig.moshika_vis())

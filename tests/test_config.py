@@ -21,7 +21,7 @@ from moshivis_lab.config import CodecConfig, LabConfig, TokenizerConfig, WorldCo
             "n_spoken_image_dialogues",
         ),
         (WorldConfig, {"pause_range_s": (1.0, 0.5)}, "pause_range_s"),
-        (WorldConfig, {"n_heldout_voices": 6}, "n_heldout_voices"),
+        (WorldConfig, {"n_heldout_voices": 8}, "n_heldout_voices"),
         (CodecConfig, {"kind": "wavenet"}, "kind"),
         (CodecConfig, {"frame_rate": 7.0}, "frame_rate"),
         (CodecConfig, {"cardinality": 0}, "cardinality"),

@@ -38,6 +38,11 @@ its hooks are named ``temporal.``; every other hook name is its module path.
   sequence axis is the codebook step k
 - ``hook_audio_logits``: audio logits ``[B, T, dep_q, card]``
 
+``MoshiVis`` keeps all of these names and adds ``image_prefix.hook_out``, the K/V hooks
+(``shared_xa.hook_k`` / ``hook_v``) and, per temporal layer with an adapter,
+``temporal.layers.{i}.cross_attention.{hook_q, hook_pattern, hook_attn, hook_gate, hook_out}``
+(listed between ``hook_resid_mid`` and ``hook_mlp_hidden``; see ``moshivis_lab.model.adapters``).
+
 Time axes are the model's own (delayed) steps: position ``s`` of a training forward is the
 model's step ``s`` (``LMOutput`` holds logits re-aligned to the caller's grid). In streaming the
 same hooks fire once per 80 ms step with ``T = 1``; depformer hooks fire once per codebook step

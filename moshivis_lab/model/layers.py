@@ -111,19 +111,23 @@ def attend(
     causal: bool,
     window: int | None,
     pattern_hook: HookPoint,
+    eager: bool = False,
 ) -> torch.Tensor:
-    """Scaled dot-product attention ``[B, H, Tq, hd]``; eager only when the pattern is hooked.
+    """Scaled dot-product attention ``[B, H, Tq, hd]``; eager when the pattern is hooked or asked.
 
     ``causal``: query i sees keys j <= i (and i - j < ``window`` when a window is set); Tq == Tk.
+    The eager path (explicit float32 softmax, pattern passed through ``pattern_hook``) is taken
+    when ``eager`` is True or a hook is attached to ``pattern_hook``.
     """
+    eager = eager or pattern_hook.active
     t_q, t_k = q.shape[-2], k.shape[-2]
     allowed = None
-    if causal and (pattern_hook.active or (window is not None and t_k > window)):
+    if causal and (eager or (window is not None and t_k > window)):
         delta = torch.arange(t_q, device=q.device)[:, None] - torch.arange(t_k, device=q.device)
         allowed = delta >= 0
         if window is not None:
             allowed &= delta < window
-    if pattern_hook.active:
+    if eager:
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
@@ -235,14 +239,16 @@ class TransformerLayer(nn.Module):
             self.gating = GatedFFN(dim, dim_feedforward)
         else:
             self.gating = nn.ModuleList([GatedFFN(dim, dim_feedforward) for _ in range(n_weights)])
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
         # Cross-attention slot (MoshiVis). None here: the base model has no cross-attention.
         # A module placed here is called as ``x = cross_attention(x, cross_kv)`` with the
         # residual stream after self-attention ([B, T, dim]) and whatever the caller passed as
         # ``image_kv``; it owns its norm, gate and residual add and returns the new stream.
-        self.cross_attention: nn.Module | None = None
-        self.hook_resid_pre = HookPoint()
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
+        # Registered (empty) here so that its hooks are listed between resid_mid and the FFN's.
+        self.cross_attention: nn.Module | None
+        self.register_module("cross_attention", None)
         self.hook_mlp_hidden = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
