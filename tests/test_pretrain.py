@@ -191,3 +191,24 @@ def test_cli_has_pretrain_speech() -> None:
     res = CliRunner().invoke(app, ["pretrain-speech", "--help"])
     assert res.exit_code == 0
     assert "--minutes" in res.output and "--steps" in res.output
+
+
+def test_turn_crops_start_just_before_a_user_turn():
+    from moshivis_lab.train.pretrain import user_turn_starts
+
+    g = np.arange(17 * 300).reshape(17, 300)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        c = crop_grid(g, 64, rng, starts=[100, 200])
+        start = int(c[0, 0])
+        assert 92 <= start <= 100 or 192 <= start <= 200
+    # A start too close to the end is clamped so the crop stays full.
+    assert crop_grid(g, 64, rng, starts=[290])[0, -1] == 299
+    meta = {
+        "turns": [
+            {"speaker": "user", "start_frame": 5},
+            {"speaker": "assistant", "start_frame": 30},
+            {"speaker": "user", "start_frame": 60},
+        ]
+    }
+    assert user_turn_starts(meta) == [5]  # the last user turn gets no answer

@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,12 @@ _RUNTIME_FIELDS = ("minutes", "eval_interval", "ckpt_interval", "log_interval", 
 class PretrainConfig:
     """Hyper-parameters of speech-LM pretraining (validated on construction)."""
 
-    steps: int = 1200
+    steps: int = 1500
     batch_size: int = 8
     seq_len: int = 128  # frames per crop (12.5 Hz: 128 = 10.24 s)
+    # Share of crops that start just before a user turn (0-8 frames early), so that a question
+    # and the assistant's answer to it sit in the same crop; the rest start anywhere.
+    p_turn_crop: float = 0.75
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
@@ -61,7 +65,7 @@ class PretrainConfig:
     eval_batches: int = 4  # fixed val crops per evaluation
     ckpt_interval: int = 200
     log_interval: int = 10
-    minutes: float = 13.0  # wall-clock budget of one invocation; stops (resumably) when spent
+    minutes: float = 14.5  # wall-clock budget of one invocation; stops (resumably) when spent
     threads: int = 2
 
     def __post_init__(self) -> None:
@@ -95,6 +99,12 @@ class PretrainConfig:
         _check(
             self.weight_decay >= 0, name, "weight_decay", f"must be >= 0, got {self.weight_decay}"
         )
+        _check(
+            0.0 <= self.p_turn_crop <= 1.0,
+            name,
+            "p_turn_crop",
+            f"must be in [0, 1], got {self.p_turn_crop}",
+        )
         for n in ("beta1", "beta2"):
             v = getattr(self, n)
             _check(0.0 <= v < 1.0, name, n, f"must be in [0, 1), got {v}")
@@ -106,7 +116,7 @@ class PretrainConfig:
 
     @classmethod
     def tiny(cls) -> PretrainConfig:
-        """The tiny preset: ~1200 steps of 8 x 128 frames, about 10 min on 2 CPU cores."""
+        """The tiny preset: 1500 steps of 8 x 128 frames, about 13 min on 2 idle CPU cores."""
         return cls()
 
     @classmethod
@@ -149,34 +159,70 @@ def lr_at(step: int, tcfg: PretrainConfig) -> float:
     return tcfg.lr * (tcfg.min_lr_ratio + (1.0 - tcfg.min_lr_ratio) * cos)
 
 
-def crop_grid(grid: np.ndarray, seq_len: int, rng: np.random.Generator) -> np.ndarray:
-    """A random ``seq_len``-frame crop of ``grid [K, T]``, right-padded with -1 when shorter."""
+def crop_grid(
+    grid: np.ndarray,
+    seq_len: int,
+    rng: np.random.Generator,
+    starts: Sequence[int] | None = None,
+) -> np.ndarray:
+    """A ``seq_len``-frame crop of ``grid [K, T]``, right-padded with -1 when shorter.
+
+    The crop starts anywhere, or, when ``starts`` (candidate frames, e.g. user-turn onsets) is
+    given and not empty, 0-8 frames before one of them picked at random.
+    """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be > 0, got {seq_len}")
     k, t = grid.shape
     out = np.full((k, seq_len), ZERO_TOKEN, dtype=np.int64)
     if t > seq_len:
-        start = int(rng.integers(0, t - seq_len + 1))
+        last = t - seq_len
+        if starts:
+            anchor = int(starts[int(rng.integers(0, len(starts)))]) - int(rng.integers(0, 9))
+            start = min(max(anchor, 0), last)
+        else:
+            start = int(rng.integers(0, last + 1))
         out[:] = grid[:, start : start + seq_len]
     else:
         out[:, :t] = grid
     return out
 
 
+def user_turn_starts(meta: dict[str, Any]) -> list[int]:
+    """Frames where the user starts a turn that the assistant answers (from shard metadata)."""
+    turns = meta.get("turns") or []
+    return [
+        int(a["start_frame"])
+        for a, b in zip(turns, turns[1:], strict=False)
+        if a.get("speaker") == "user" and b.get("speaker") == "assistant" and "start_frame" in a
+    ]
+
+
 def sample_batch(
-    reader: ShardReader, batch_size: int, seq_len: int, rng: np.random.Generator
+    reader: ShardReader,
+    batch_size: int,
+    seq_len: int,
+    rng: np.random.Generator,
+    p_turn_crop: float = 0.0,
 ) -> torch.Tensor:
-    """``[B, K, seq_len]`` long tensor of random crops of random grids of a speech shard."""
+    """``[B, K, seq_len]`` long tensor of crops of random grids of a speech shard.
+
+    With probability ``p_turn_crop`` a crop starts just before a user turn (see ``crop_grid``).
+    """
     if len(reader) == 0:
         raise ValueError(f"{reader.path}: the speech shard is empty; nothing to train on")
     idx = rng.integers(0, len(reader), size=batch_size)
-    return torch.from_numpy(np.stack([crop_grid(reader.tokens(int(i)), seq_len, rng) for i in idx]))
+    crops = []
+    for i in idx:
+        turn = p_turn_crop > 0 and rng.random() < p_turn_crop
+        starts = user_turn_starts(reader.meta[int(i)]) if turn else None
+        crops.append(crop_grid(reader.tokens(int(i)), seq_len, rng, starts))
+    return torch.from_numpy(np.stack(crops))
 
 
 def batch_for_step(reader: ShardReader, tcfg: PretrainConfig, step: int) -> torch.Tensor:
     """The training batch of update ``step``: a function of ``(seed, step)`` only."""
     rng = np.random.default_rng([tcfg.seed, step])
-    return sample_batch(reader, tcfg.batch_size, tcfg.seq_len, rng)
+    return sample_batch(reader, tcfg.batch_size, tcfg.seq_len, rng, tcfg.p_turn_crop)
 
 
 def make_optimizer(model: MoshiLM, tcfg: PretrainConfig) -> torch.optim.AdamW:

@@ -149,6 +149,8 @@ def question_dialogues(held: ShardReader, n: int) -> list[dict[str, Any]]:
                 "answers": list(qa["answers"]),
                 "question_end": int(turn["end_frame"]),
                 "wav": m.get("wav"),
+                "topic": qa.get("topic", m.get("topic")),
+                "voice": m.get("user_voice"),
             }
         )
         if len(out) >= n:
@@ -238,7 +240,7 @@ def evaluate_speech_lm(
     model: MoshiLM,
     *,
     split: str = "val",
-    n_dialogues: int = 50,
+    n_dialogues: int = 150,
     n_nll: int | None = None,
     n_f0: int = 10,
     extra_frames: int = 40,
@@ -315,6 +317,7 @@ def evaluate_speech_lm(
             if len(items) > 1
         ]
         qa["accuracy"] = float(np.mean(ok))
+        qa.update(_breakdown(cfg, items, ok))
         qa["shuffled_control_accuracy"] = float(np.mean(shuffled)) if shuffled else float("nan")
         qa["mean_reply_words"] = float(np.mean([len(words_of(s)) for s in said]))
         examples = [
@@ -350,6 +353,26 @@ def evaluate_speech_lm(
     path = Path(out_path) if out_path is not None else speech_lm_dir(cfg) / f"eval_{split}.json"
     write_json(path, _finite(report))
     return report
+
+
+def _breakdown(cfg: LabConfig, items: list[dict[str, Any]], ok: list[bool]) -> dict[str, Any]:
+    """Accuracy for user voices heard in training vs held-out voices, and per chit-chat topic."""
+    from moshivis_lab.world.speech import user_voices
+
+    voices = [v.name for v in user_voices(cfg.world.n_user_voices)]
+    seen = set(voices[: len(voices) - cfg.world.n_heldout_voices])
+    out: dict[str, Any] = {}
+    for name, pick in (("seen_voices", True), ("heldout_voices", False)):
+        sel = [o for it, o in zip(items, ok, strict=True) if (it.get("voice") in seen) == pick]
+        out[f"{name}_n"] = len(sel)
+        out[f"{name}_accuracy"] = float(np.mean(sel)) if sel else float("nan")
+    topics: dict[str, list[bool]] = {}
+    for it, o in zip(items, ok, strict=True):
+        topics.setdefault(str(it.get("topic")), []).append(o)
+    out["by_topic"] = {
+        t: {"n": len(v), "accuracy": float(np.mean(v))} for t, v in sorted(topics.items())
+    }
+    return out
 
 
 def _finite(obj: Any) -> Any:
