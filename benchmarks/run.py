@@ -148,6 +148,41 @@ def bench_lm(cfg) -> dict:  # noqa: ANN001
     }
 
 
+def bench_vision(cfg) -> dict:  # noqa: ANN001
+    """The tiny image encoder: encode latency per image (preprocess + tower) at batch 1 and 16."""
+    import torch
+    from PIL import Image
+
+    from moshivis_lab.vision import ImageEncoder, VisionConfig
+    from moshivis_lab.vision.pretrain import load_vision_encoder
+
+    try:
+        encoder, weights = load_vision_encoder(cfg), "pretrained"
+    except FileNotFoundError:  # same shapes and cost with random weights
+        torch.manual_seed(0)
+        encoder, weights = ImageEncoder.from_config(VisionConfig.tiny()), "random (not trained yet)"
+    rng = np.random.default_rng(0)
+    size = cfg.world.image_size
+    images = [
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+        for _ in range(16)
+    ]
+    out: dict = {
+        "weights": weights,
+        "tokens": encoder.num_tokens,
+        "dim": encoder.hidden_size,
+        "params": encoder.num_parameters(),
+    }
+    with torch.inference_mode():
+        b1 = timed(lambda: encoder.encode(images[:1]), 10)
+        b16 = timed(lambda: encoder.encode(images), 5)
+        pre = timed(lambda: encoder.preprocess(images), 5)
+    out["encode_ms_per_image_b1"] = 1000 * b1["median_s"]
+    out["encode_ms_per_image_b16"] = 1000 * b16["median_s"] / 16
+    out["preprocess_ms_per_image_b16"] = 1000 * pre["median_s"] / 16
+    return out
+
+
 def to_markdown(res: dict) -> str:
     """The results as a markdown table."""
     lines = ["| group | metric | value |", "|---|---|---|"]
@@ -181,6 +216,7 @@ def main() -> None:
         "world": bench_world(cfg),
         "codec": bench_codec(cfg),
         "speech_lm": bench_lm(cfg),
+        "vision": bench_vision(cfg),
     }
     build = cfg.data_dir / cfg.name / "build_report.json"
     if build.exists():
