@@ -78,6 +78,18 @@ def step_weight(linears: Sequence[nn.Module], step: int | None = None) -> torch.
     return torch.stack([m.weight for m in linears])
 
 
+def apply_linears(
+    linears: Sequence[nn.Module], x: torch.Tensor, step: int | None = None
+) -> torch.Tensor:
+    """``x`` through one module (called, so wrappers such as peft's LoRA take part) or, with
+    per-step weights, through step ``step``'s module or all steps at once (``step_linear``)."""
+    if len(linears) == 1:
+        return linears[0](x)
+    if step is not None:
+        return linears[step](x)
+    return step_linear(x, step_weight(linears))
+
+
 def step_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` (no bias); a stacked weight ``[S, out, in]`` maps position k of axis 1
     of ``x [N, S, in]`` with ``weight[k]``."""
@@ -174,7 +186,7 @@ class SelfAttention(nn.Module):
         b, t, d = x.shape
         h, hd = self.num_heads, self.head_dim
         step = None if cache is None else pos
-        qkv = step_linear(x, step_weight(self.in_projs, step)).view(b, t, 3, h, hd)
+        qkv = apply_linears(self.in_projs, x, step).view(b, t, 3, h, hd)
         if rope is not None:
             qk, v = qkv.split([2, 1], dim=2)
             q, k = apply_rope(qk, rope).unbind(2)
@@ -201,7 +213,7 @@ class SelfAttention(nn.Module):
                 pattern_hook=self.hook_pattern,
             )
         z = self.hook_z(z.transpose(1, 2))  # [B, T, H, hd]
-        return step_linear(z.reshape(b, t, d), step_weight(self.out_projs, step))
+        return apply_linears(self.out_projs, z.reshape(b, t, d), step)
 
 
 class GatedFFN(nn.Module):
@@ -261,6 +273,10 @@ class TransformerLayer(nn.Module):
             ffns = [self.gating[step]]
         else:
             ffns = list(self.gating)
+        if len(ffns) == 1:  # modules called, so wrappers such as peft's LoRA take part
+            gate, value = ffns[0].linear_in(x).chunk(2, dim=-1)
+            hidden = self.hook_mlp_hidden(F.silu(gate) * value)
+            return ffns[0].linear_out(hidden)
         w_in = step_weight([f.linear_in for f in ffns])
         half = w_in.shape[-2] // 2  # two matmuls on row halves: no split copies in backward
         gate = step_linear(x, w_in[..., :half, :])

@@ -279,13 +279,18 @@ class MoshiLM(nn.Module):
             x = layer(x, rope=rope, cross_kv=image_kv)
         h = self.hook_resid_final(self.out_norm(x))
         text_logits = self.hook_text_logits(self.text_linear(h))  # [B, T, text_card]
-        audio_logits = self._depformer_forward(h, delayed)  # [B, T, dep_q, card]
-
         q = cfg.dep_q
         text, text_mask = undelay(text_logits[:, None], cfg.delays[:1], float("nan"))
-        audio, audio_mask = undelay(
-            audio_logits.transpose(1, 2), cfg.delays[1 : 1 + q], float("nan")
-        )
+        if (codes[:, 1 : 1 + q] == ZERO_TOKEN).all():
+            # Speechless grids (MoshiVis' text-only samples): no audio target anywhere, so the
+            # depformer is skipped; its logits read as NaN and are fully masked.
+            audio = h.new_full((), float("nan")).expand(b, q, t, cfg.card)
+            audio_mask = torch.zeros(b, q, t, dtype=torch.bool, device=codes.device)
+        else:
+            audio_logits = self._depformer_forward(h, delayed)  # [B, T, dep_q, card]
+            audio, audio_mask = undelay(
+                audio_logits.transpose(1, 2), cfg.delays[1 : 1 + q], float("nan")
+            )
         text_mask = text_mask & (codes[:, :1] != ZERO_TOKEN)
         audio_mask = audio_mask & (codes[:, 1 : 1 + q] != ZERO_TOKEN)
         return LMOutput(text, text_mask, audio, audio_mask)
