@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -69,7 +70,7 @@ def pretrain_speech_cmd(
     minutes: Annotated[
         float | None, typer.Option(help="wall-clock training budget (default: preset)")
     ] = None,
-    n_dialogues: Annotated[int, typer.Option(help="held-out dialogues to question")] = 50,
+    n_dialogues: Annotated[int, typer.Option(help="held-out dialogues to question")] = 150,
     split: Annotated[str, typer.Option(help="held-out split to evaluate on")] = "val",
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ) -> None:
@@ -91,6 +92,145 @@ def pretrain_speech_cmd(
         cfg, model, split=split, n_dialogues=n_dialogues, progress=not quiet
     )
     typer.echo(json.dumps({"train": train, "eval": report}, indent=1, default=str))
+
+
+def _train_config(
+    preset_name: str, steps: int | None, minutes: float | None, p_audio: float | None
+):  # noqa: ANN202
+    from moshivis_lab.train.adapters import TrainConfig
+
+    tcfg = TrainConfig.smoke() if preset_name == "smoke" else TrainConfig.tiny()
+    if steps is not None:
+        tcfg = tcfg.replace(steps=steps, warmup_steps=min(tcfg.warmup_steps, steps))
+    if minutes is not None:
+        tcfg = tcfg.replace(minutes=minutes)
+    if p_audio is not None:
+        tcfg = tcfg.replace(mix=tcfg.mix.replace(p_audio=p_audio))
+    return tcfg
+
+
+@app.command("train")
+def train_cmd(
+    preset_name: PresetOpt = "tiny",
+    data_dir: DataDirOpt = None,
+    run: Annotated[str, typer.Option(help="run name (a directory under adapters/)")] = "main",
+    steps: Annotated[int | None, typer.Option(help="training steps (default: preset)")] = None,
+    minutes: Annotated[
+        float | None, typer.Option(help="wall-clock budget of this invocation (default: preset)")
+    ] = None,
+    p_audio: Annotated[
+        float | None, typer.Option(help="share of speech samples (default: 0.25)")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="delete a run made with other settings")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Build what is missing, then train the MoshiVis adapters in one stage (resumable)."""
+    from moshivis_lab.train.adapters import ensure_pretrained, train_adapters
+
+    cfg = preset(preset_name, data_dir)
+    tcfg = _train_config(preset_name, steps, minutes, p_audio)
+    ensure_pretrained(cfg, progress=not quiet)
+    report = train_adapters(cfg, tcfg, run=run, overwrite=overwrite, progress=not quiet)
+    typer.echo(json.dumps(report, indent=1, default=str))
+
+
+@app.command("eval")
+def eval_cmd(
+    preset_name: PresetOpt = "tiny",
+    data_dir: DataDirOpt = None,
+    run: Annotated[str, typer.Option(help="run name (a directory under adapters/)")] = "main",
+    per_type: Annotated[int, typer.Option(help="text-prompt items per question type")] = 60,
+    spoken_per_type: Annotated[
+        int, typer.Option(help="spoken-prompt items per question type")
+    ] = 24,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Evaluate trained adapters: tasks by text and speech, speech kept, gate AUROC."""
+    from moshivis_lab.train.adapters import load_trained
+    from moshivis_lab.train.vis_eval import evaluate_moshivis
+
+    cfg = preset(preset_name, data_dir)
+    model = load_trained(cfg, run)
+    report = evaluate_moshivis(
+        cfg,
+        model,
+        run=run,
+        per_type=per_type,
+        spoken_per_type=spoken_per_type,
+        progress=not quiet,
+    )
+    typer.echo(json.dumps(report, indent=1, default=str))
+
+
+@app.command("ablate")
+def ablate_cmd(
+    preset_name: PresetOpt = "tiny",
+    data_dir: DataDirOpt = None,
+    steps: Annotated[int | None, typer.Option(help="steps per variant (default: preset)")] = None,
+    grid: Annotated[bool, typer.Option(help="run the gating x sharing grid")] = True,
+    sweep: Annotated[bool, typer.Option(help="run the p_audio sweep")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Ablations at equal compute (gating x sharing, p_audio sweep); JSON + markdown tables."""
+    from moshivis_lab.train.ablate import AblateConfig, run_ablations
+    from moshivis_lab.train.adapters import ensure_pretrained
+
+    cfg = preset(preset_name, data_dir)
+    acfg = AblateConfig.smoke() if preset_name == "smoke" else AblateConfig.tiny()
+    if steps is not None:
+        acfg = dataclasses.replace(acfg, steps=steps)
+    if not grid:
+        acfg = dataclasses.replace(acfg, grid=False)
+    if not sweep:
+        acfg = dataclasses.replace(acfg, p_audio=())
+    ensure_pretrained(cfg, progress=not quiet)
+    result = run_ablations(
+        cfg, acfg, _train_config(preset_name, None, None, None), progress=not quiet
+    )
+    typer.echo(result["markdown"])
+
+
+@app.command("pretrain-vision")
+def pretrain_vision_cmd(
+    preset_name: PresetOpt = "tiny",
+    data_dir: DataDirOpt = None,
+    steps: Annotated[int | None, typer.Option(help="training steps (default: preset)")] = None,
+    minutes: Annotated[
+        float | None, typer.Option(help="wall-clock training budget (default: preset)")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads (default: preset; 1 on a busy machine)")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="delete a run made with other settings")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Build missing data, pretrain the tiny SigLIP with the sigmoid loss on the world's
+    image-caption pairs (resumable), freeze its vision tower, print the retrieval report."""
+    from moshivis_lab.pipeline import build_data
+    from moshivis_lab.vision.config import VisionConfig
+    from moshivis_lab.vision.pretrain import (
+        VisionPretrainConfig,
+        pretrain_vision,
+        smoke_vision_config,
+    )
+
+    cfg = preset(preset_name, data_dir)
+    smoke = preset_name == "smoke"
+    tcfg = VisionPretrainConfig.smoke() if smoke else VisionPretrainConfig.tiny()
+    vcfg = smoke_vision_config() if smoke else VisionConfig.tiny()
+    if steps is not None:
+        tcfg = tcfg.replace(steps=steps, warmup_steps=min(tcfg.warmup_steps, steps))
+    if minutes is not None:
+        tcfg = tcfg.replace(minutes=minutes)
+    if threads is not None:
+        tcfg = tcfg.replace(threads=threads)
+    build_data(cfg, progress=not quiet)
+    report = pretrain_vision(cfg, tcfg, vcfg, progress=not quiet, overwrite=overwrite)
+    typer.echo(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -19,3 +19,30 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smoke_world(tmp_path_factory: pytest.TempPathFactory):
+    """One smoke world (data, tokenizer, quickly fitted codec, shards) shared by every module.
+
+    Read it, never write into it: build per-test artefacts under ``tmp_path`` (for example with
+    ``cfg.replace(...)`` or by passing an output directory).
+    """
+    import dataclasses
+
+    from moshivis_lab.config import LabConfig
+    from moshivis_lab.pipeline import build_data
+
+    cfg = LabConfig.smoke(tmp_path_factory.mktemp("smoke_world"))
+    cfg = cfg.replace(codec=dataclasses.replace(cfg.codec, fit_seconds=40.0, kmeans_iters=4))
+    build_data(cfg, progress=False)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def smoke_pretrained(smoke_world):
+    """``smoke_world`` plus its smoke speech LM and smoke vision encoder (built once)."""
+    from moshivis_lab.train.adapters import ensure_pretrained
+
+    ensure_pretrained(smoke_world, progress=False)
+    return smoke_world

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from moshivis_lab.config import LabConfig, LMConfig
+from moshivis_lab.config import ZERO_TOKEN, LabConfig, LMConfig
 from moshivis_lab.model.checkpoint import load_moshi
 from moshivis_lab.train.pretrain import (
     PretrainConfig,
@@ -212,3 +212,15 @@ def test_turn_crops_start_just_before_a_user_turn():
         ]
     }
     assert user_turn_starts(meta) == [5]  # the last user turn gets no answer
+
+
+def test_text_only_batches_are_dialogue_text_with_zero_audio(world: LabConfig) -> None:
+    from moshivis_lab.train.pretrain import TextCorpus, text_batch_for_step
+
+    tcfg = PretrainConfig.smoke()
+    corpus = TextCorpus(world, "train")
+    b = text_batch_for_step(corpus, tcfg, 0)
+    assert b.shape[0] == tcfg.text_batch_size and b.shape[1] == 17 and b.shape[2] <= tcfg.text_len
+    assert (b[:, 1:] == ZERO_TOKEN).all()
+    assert (b[:, 0, 0] >= 0).all()  # every row starts with a real token
+    assert torch.equal(b, text_batch_for_step(corpus, tcfg, 0))

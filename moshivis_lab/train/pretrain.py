@@ -1,7 +1,9 @@
 """Pretrain the tiny Moshi from scratch on the world's spoken dialogues (text + both audio streams).
 
 Batches are random ``seq_len``-frame crops of the train split's aligned grids ``[17, T]`` (shorter
-grids are padded with the zero token -1, which the model masks out of the loss). AdamW with linear
+grids are padded with the zero token -1, which the model masks out of the loss), most starting
+just before a user turn; each step also sees a batch of text-only dialogues (the text LM that
+Moshi inherits from Helium, which MoshiVis' speechless samples rely on). AdamW with linear
 warmup and a cosine decay; the loss is ``MoshiLM.loss``. Everything lives under
 ``cfg.data_dir / cfg.name / "speech_lm"``:
 
@@ -53,6 +55,13 @@ class PretrainConfig:
     # Share of crops that start just before a user turn (0-8 frames early), so that a question
     # and the assistant's answer to it sit in the same crop; the rest start anywhere.
     p_turn_crop: float = 0.75
+    # Text-only batches, as Moshi inherits from its text LM (Helium): each step also trains on
+    # ``text_batch_size`` dialogues written out in the text stream (user and assistant tokens one
+    # after another, audio rows the zero token), weighted ``text_only_weight`` in the loss. This is
+    # what lets MoshiVis' speechless samples be read later. 0 turns it off.
+    text_batch_size: int = 8
+    text_len: int = 96
+    text_only_weight: float = 1.0
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
@@ -105,6 +114,9 @@ class PretrainConfig:
             "p_turn_crop",
             f"must be in [0, 1], got {self.p_turn_crop}",
         )
+        _check(self.text_batch_size >= 0, name, "text_batch_size", "must be >= 0")
+        _check(self.text_len >= 8, name, "text_len", f"must be >= 8, got {self.text_len}")
+        _check(self.text_only_weight >= 0, name, "text_only_weight", "must be >= 0")
         for n in ("beta1", "beta2"):
             v = getattr(self, n)
             _check(0.0 <= v < 1.0, name, n, f"must be in [0, 1), got {v}")
@@ -126,6 +138,8 @@ class PretrainConfig:
             steps=6,
             batch_size=2,
             seq_len=32,
+            text_batch_size=2,
+            text_len=32,
             lr=3e-3,
             warmup_steps=2,
             eval_interval=3,
@@ -149,8 +163,11 @@ def lm_config_for(cfg: LabConfig) -> LMConfig:
     )
 
 
-def lr_at(step: int, tcfg: PretrainConfig) -> float:
-    """Learning rate of update ``step`` (0-based): linear warmup, then cosine to the floor."""
+def lr_at(step: int, tcfg: Any) -> float:
+    """Learning rate of update ``step`` (0-based): linear warmup, then cosine to the floor.
+
+    ``tcfg`` is any trainer config with ``lr``, ``warmup_steps``, ``steps`` and ``min_lr_ratio``.
+    """
     if step < tcfg.warmup_steps:
         return tcfg.lr * (step + 1) / tcfg.warmup_steps
     progress = (step - tcfg.warmup_steps) / max(1, tcfg.steps - tcfg.warmup_steps)
@@ -246,24 +263,77 @@ def _floats(parts: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(parts[k].detach()) for k in LOSS_KEYS}
 
 
+class TextCorpus:
+    """Dialogues of a split as plain token sequences: spoken dialogues' transcripts (both sides)
+    and the speechless image-text samples (their words only: no image is seen here)."""
+
+    def __init__(self, cfg: LabConfig, split: str) -> None:
+        from moshivis_lab.world.tokenizer import TextTokenizer
+
+        tok = TextTokenizer.load(cfg.tokenizer_path)
+        shards = load_split(cfg, split)
+        self.samples: list[np.ndarray] = []
+        for m in shards["speech"].meta:
+            ids: list[int] = []
+            for t in m.get("turns", []):
+                ids += tok.encode(t["text"])
+            if ids:
+                self.samples.append(np.asarray(ids, np.int64))
+        text = shards["text"]
+        for i in range(len(text)):
+            self.samples.append(np.asarray(text.tokens(i)[0], np.int64))
+        if not self.samples:
+            raise ValueError(f"split {split!r} has no dialogue text; rebuild the world data")
+
+    def batch(self, batch_size: int, length: int, rng: np.random.Generator) -> torch.Tensor:
+        """``[B, 17, <=length]`` text-only grids (audio rows -1), right-padded with -1."""
+        picks = [self.samples[int(i)] for i in rng.integers(0, len(self.samples), batch_size)]
+        crops = []
+        for ids in picks:
+            if len(ids) > length:
+                start = int(rng.integers(0, len(ids) - length + 1))
+                ids = ids[start : start + length]
+            crops.append(ids)
+        t = max(len(c) for c in crops)
+        out = np.full((batch_size, 17, t), ZERO_TOKEN, np.int64)
+        for b, c in enumerate(crops):
+            out[b, 0, : len(c)] = c
+        return torch.from_numpy(out)
+
+
+def text_batch_for_step(corpus: TextCorpus, tcfg: PretrainConfig, step: int) -> torch.Tensor:
+    """The text-only batch of update ``step``: a function of ``(seed, step)`` only."""
+    rng = np.random.default_rng([tcfg.seed, step, 1])
+    return corpus.batch(tcfg.text_batch_size, tcfg.text_len, rng)
+
+
 def train_step(
     model: MoshiLM,
     optimizer: torch.optim.Optimizer,
     batch: torch.Tensor,
     lr: float,
     grad_clip: float,
+    text_batch: torch.Tensor | None = None,
+    text_only_weight: float = 1.0,
 ) -> dict[str, float]:
-    """One AdamW update on ``batch [B, K, T]``; returns the loss parts and the gradient norm."""
+    """One AdamW update on ``batch [B, K, T]`` (plus, if given, a text-only batch whose text loss
+    is added with ``text_only_weight``); returns the loss parts and the gradient norm."""
     model.train()
     for g in optimizer.param_groups:
         g["lr"] = lr
     out = model(batch)
     parts = model.loss(batch, out)
+    loss = parts["loss"]
+    extra: dict[str, float] = {}
+    if text_batch is not None:
+        text_loss = model.loss(text_batch, model(text_batch))["text_loss"]
+        loss = loss + text_only_weight * text_loss
+        extra["text_only_loss"] = float(text_loss.detach())
     optimizer.zero_grad(set_to_none=True)
-    parts["loss"].backward()
+    loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return {**_floats(parts), "grad_norm": float(norm)}
+    return {**_floats(parts), **extra, "grad_norm": float(norm)}
 
 
 @torch.no_grad()
@@ -364,6 +434,7 @@ def pretrain_speech(
     torch.set_num_threads(tcfg.threads)
     train = load_split(cfg, "train")["speech"]
     val = load_split(cfg, "val")["speech"]
+    corpus = TextCorpus(cfg, "train") if tcfg.text_batch_size > 0 else None
     torch.manual_seed(tcfg.seed)
     model = MoshiLM(lm_cfg)
     opt = make_optimizer(model, tcfg)
@@ -398,8 +469,9 @@ def pretrain_speech(
                 break
             t0 = time.time()
             batch = batch_for_step(train, tcfg, step)
+            tb = text_batch_for_step(corpus, tcfg, step) if corpus is not None else None
             lr = lr_at(step, tcfg)
-            parts = train_step(model, opt, batch, lr, tcfg.grad_clip)
+            parts = train_step(model, opt, batch, lr, tcfg.grad_clip, tb, tcfg.text_only_weight)
             dt = time.time() - t0
             step += 1
             recent = (recent + [parts])[-20:]

@@ -1,0 +1,644 @@
+"""Single-stage MoshiVis training: a frozen speech LM and a frozen image encoder, trained adapters.
+
+One entry point, ``train_adapters``, does what the paper does on one GPU and what our tiny preset
+does on a laptop CPU:
+
+1. build what is missing (world data, the speech LM, the vision encoder),
+2. cache the frozen encoder's image tokens once per split (``image_tokens.image_table``),
+3. wrap the LM in ``MoshiVis``, freeze everything, **assert zero trainable parameters**, unfreeze
+   exactly the adapters (optionally LoRA on the LM through peft), print the counts,
+4. train on mixed batches (``mix.MixedData``: speech with probability ``p_audio``, speechless
+   otherwise, unrelated chit-chat glued with ``p_concat``) with AdamW, warmup + cosine, gradient
+   accumulation and clipping, under ``accelerate`` (device auto-detected, bf16 autocast on CUDA,
+   DDP under ``accelerate launch`` unchanged),
+5. log JSONL metrics, checkpoint adapters + optimizer (safetensors / weights-only) and resume.
+
+Outputs live in ``data/<preset>/adapters/<run>/``: ``adapters.safetensors`` (final), ``ckpt/``,
+``state.json``, ``metrics.jsonl``, ``train_report.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from moshivis_lab.artefacts import Stage, atomic_path, config_hash, read_json
+from moshivis_lab.artefacts import write_json as _write_json
+from moshivis_lab.config import ZERO_TOKEN, LabConfig, XAConfig, _check
+from moshivis_lab.train.mix import Batch, MixConfig, MixedData, batch_for_step
+from moshivis_lab.train.pretrain import lr_at
+
+LOSS_KEYS = ("loss", "text_loss", "audio_loss", "speech_text_loss", "speechless_text_loss")
+_RUNTIME_FIELDS = ("minutes", "eval_interval", "ckpt_interval", "log_interval", "threads")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of adapter training (validated on construction)."""
+
+    steps: int = 600
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    mix: MixConfig = field(default_factory=MixConfig)
+    xa: XAConfig | None = None  # None: XAConfig.tiny sized to the LM and the encoder
+    lora_rank: int = 0  # > 0: LoRA on the LM's temporal attention and FFN through peft
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("in_projs", "out_projs", "linear_in", "linear_out")
+    eval_interval: int = 100
+    eval_batches: int = 4
+    ckpt_interval: int = 100
+    log_interval: int = 10
+    minutes: float = 9.5  # wall-clock budget of one invocation; stops (resumably) when spent
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        name = "TrainConfig"
+        for n in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
+            v = getattr(self, n)
+            _check(v >= 1, name, n, f"must be >= 1, got {v}")
+        for n in ("ckpt_interval", "log_interval", "threads"):
+            v = getattr(self, n)
+            _check(v >= 1, name, n, f"must be >= 1, got {v}")
+        _check(self.lr > 0, name, "lr", f"must be > 0, got {self.lr}")
+        _check(self.minutes > 0, name, "minutes", f"must be > 0, got {self.minutes}")
+        _check(
+            0 <= self.warmup_steps <= self.steps,
+            name,
+            "warmup_steps",
+            f"must be in [0, steps={self.steps}], got {self.warmup_steps}",
+        )
+        _check(0 <= self.min_lr_ratio <= 1, name, "min_lr_ratio", "must be in [0, 1]")
+        _check(self.weight_decay >= 0, name, "weight_decay", "must be >= 0")
+        _check(self.grad_clip > 0, name, "grad_clip", f"must be > 0, got {self.grad_clip}")
+        _check(self.lora_rank >= 0, name, "lora_rank", f"must be >= 0, got {self.lora_rank}")
+        for n in ("beta1", "beta2"):
+            v = getattr(self, n)
+            _check(0.0 <= v < 1.0, name, n, f"must be in [0, 1), got {v}")
+        if not isinstance(self.mix, MixConfig):
+            raise TypeError(f"TrainConfig.mix must be a MixConfig, got {type(self.mix).__name__}")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def tiny(cls) -> TrainConfig:
+        """The tiny preset: 600 steps of 16 mixed samples, under 10 minutes on 2 CPU cores."""
+        return cls()
+
+    @classmethod
+    def smoke(cls) -> TrainConfig:
+        """A few seconds of training for tests and notebook CI."""
+        return cls(
+            steps=6,
+            batch_size=4,
+            warmup_steps=2,
+            eval_interval=3,
+            eval_batches=1,
+            ckpt_interval=3,
+            log_interval=1,
+            minutes=3.0,
+            mix=MixConfig(speech_len=48, text_len=48),
+        )
+
+
+def adapters_dir(cfg: LabConfig, run: str = "main") -> Path:
+    """Where an adapter run's checkpoints, metrics and final weights live."""
+    if not run or "/" in run or run.startswith("."):
+        raise ValueError(f"run name must be a plain directory name, got {run!r}")
+    return cfg.data_dir / cfg.name / "adapters" / run
+
+
+# ---------------------------------------------------------------------- the loss
+
+
+def loss_sums(model: Any, batch: Batch, out: Any) -> dict[str, torch.Tensor]:
+    """Weighted CE sums and weight totals of one forward (numerators keep the graph)."""
+    cfg = model.lm.cfg
+    codes = batch.codes
+    mask = out.text_mask[:, 0]
+    target = codes[:, 0].clamp_min(0)
+    ce = F.cross_entropy(out.text_logits[:, 0].float().transpose(1, 2), target, reduction="none")
+    pad = (target == cfg.existing_text_padding_id) | (target == cfg.existing_text_end_padding_id)
+    w = torch.where(pad, cfg.text_padding_weight, 1.0) * batch.text_weight * mask
+    ce = torch.where(w > 0, ce, 0.0)  # masked positions may hold NaN logits
+    sums = {"text": (ce * w).sum(), "text_w": w.sum().detach()}
+    sp = batch.is_speech[:, None].float()
+    for name, sel in (("speech_text", sp), ("speechless_text", 1 - sp)):
+        sums[name] = (ce * w * sel).sum().detach()
+        sums[f"{name}_w"] = (w * sel).sum().detach()
+    q = cfg.dep_q
+    amask = out.mask
+    if amask.any():
+        atarget = codes[:, 1 : 1 + q][amask]
+        ace = F.cross_entropy(out.logits[amask].float(), atarget, reduction="none")
+        book = torch.arange(q, device=codes.device)[None, :, None].expand_as(amask)[amask]
+        aw = torch.where(book == 0, cfg.semantic_weight, 1.0)
+        sums["audio"], sums["audio_w"] = (ace * aw).sum(), aw.sum().detach()
+    else:
+        sums["audio"] = sums["audio_w"] = ce.new_zeros(())
+    return sums
+
+
+def combine_sums(model: Any, sums: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Moshi's weighted text + audio loss from the sums of several forwards (one batch)."""
+    cfg = model.lm.cfg
+    tot = {k: sum(s[k] for s in sums) for k in sums[0]}
+
+    def mean(k: str) -> torch.Tensor:
+        return tot[k] / torch.as_tensor(tot[f"{k}_w"]).clamp_min(1e-12)
+
+    text_loss, audio_loss = mean("text"), mean("audio")
+    return {
+        "loss": cfg.text_weight * text_loss + cfg.audio_weight * audio_loss,
+        "text_loss": text_loss,
+        "audio_loss": audio_loss,
+        "speech_text_loss": mean("speech_text"),
+        "speechless_text_loss": mean("speechless_text"),
+    }
+
+
+def split_batch(batch: Batch) -> list[Batch]:
+    """Speech and speechless rows as two batches, each cut to its own longest sample.
+
+    Speechless samples are short and have no audio target: alone they skip the depformer and
+    most of the padding, which makes a mixed step several times cheaper on a CPU.
+    """
+    parts = []
+    for sel in (batch.is_speech, ~batch.is_speech):
+        if not bool(sel.any()):
+            continue
+        idx = sel.nonzero()[:, 0]
+        codes = batch.codes[idx]
+        used = (codes != ZERO_TOKEN).any(dim=1).any(dim=0)
+        t = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+        parts.append(
+            Batch(
+                codes[..., :t],
+                batch.text_weight[idx, :t],
+                batch.relevance[idx, :t],
+                batch.image_index[idx],
+                batch.is_speech[idx],
+            )
+        )
+    return parts
+
+
+def batch_loss(
+    model: Any,
+    batch: Batch,
+    table: torch.Tensor,
+    *,
+    forward: Any = None,
+    split: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The loss parts of a mixed batch.
+
+    ``split`` forwards the speech and speechless rows separately (see ``split_batch``); under
+    DDP (several processes) pass ``split=False`` so that each step has exactly one forward.
+    ``forward`` is the module to call (the DDP wrapper), ``model`` the bare ``MoshiVis``.
+    """
+    forward = forward if forward is not None else model
+    sums = []
+    for part in split_batch(batch) if split else [batch]:
+        tokens = table[part.image_index.cpu()].to(part.codes.device)
+        sums.append(loss_sums(model, part, forward(part.codes, image_tokens=tokens)))
+    return combine_sums(model, sums)
+
+
+# ---------------------------------------------------------------------- building the model
+
+
+def build_model(
+    cfg: LabConfig, xa: XAConfig | None = None, lm: Any = None, image_dim: int | None = None
+) -> Any:
+    """``MoshiVis`` around the pretrained speech LM of ``cfg`` with fresh adapters."""
+    from moshivis_lab.model.moshivis import MoshiVis
+    from moshivis_lab.train.pretrain import load_speech_lm
+
+    lm = lm if lm is not None else load_speech_lm(cfg)
+    if xa is None:
+        if image_dim is None:
+            from moshivis_lab.vision.pretrain import load_vision_encoder
+
+            image_dim = load_vision_encoder(cfg).hidden_size
+        xa = XAConfig.tiny(lm.cfg, image_dim)
+    return MoshiVis.from_lm(lm, xa)
+
+
+def freeze_and_unfreeze(model: Any, tcfg: TrainConfig, log: Any = print) -> dict[str, int]:
+    """Freeze all, assert nothing trains, unfreeze exactly the adapters (+ LoRA); the counts."""
+    from moshivis_lab.model.moshivis import freeze_for_adapters
+
+    counts = dict(freeze_for_adapters(model))
+    if tcfg.lora_rank > 0:
+        counts["lora"] = add_lora(model, tcfg)
+    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts["model_total"] = sum(p.numel() for p in model.parameters())
+    log("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    return counts
+
+
+def add_lora(model: Any, tcfg: TrainConfig) -> int:
+    """LoRA (peft) on the temporal transformer's linears named in ``lora_targets``; its count."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = sorted(
+        {
+            name
+            for name, mod in model.lm.transformer.named_modules()
+            if isinstance(mod, torch.nn.Linear)
+            and set(name.split(".")) & set(tcfg.lora_targets)
+            and "cross_attention" not in name.split(".")  # the adapters stay full-rank
+        }
+    )
+    if not targets:
+        raise ValueError(
+            f"no nn.Linear in the LM's temporal transformer is named one of {tcfg.lora_targets}"
+        )
+    before = {id(p) for p in model.parameters()}
+    lcfg = LoraConfig(r=tcfg.lora_rank, lora_alpha=tcfg.lora_alpha, target_modules=targets)
+    inject_adapter_in_model(lcfg, model.lm.transformer)
+    n = 0
+    for p in model.parameters():
+        if id(p) not in before:
+            p.requires_grad_(True)
+            n += p.numel()
+    from moshivis_lab.model.moshivis import adapter_parameters
+
+    for p in adapter_parameters(model):  # peft freezes what it wraps: keep the adapters trainable
+        p.requires_grad_(True)
+    return n
+
+
+# ---------------------------------------------------------------------- training loop
+
+
+def _run_key(cfg: LabConfig, model: Any, tcfg: TrainConfig, lm_sha: str, encoder: Any) -> str:
+    """What makes a run: data, LM, encoder weights, adapter config, hyper-parameters."""
+    from moshivis_lab.train.image_tokens import encoder_key
+
+    trained = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in _RUNTIME_FIELDS}
+    xa = model.cfg.xa
+    return config_hash(
+        cfg.world, cfg.codec, cfg.tokenizer, xa, trained, lm_sha, encoder_key(encoder)
+    )
+
+
+def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n in names}
+
+
+def _save(
+    out: Path, model: Any, opt: torch.optim.Optimizer, step: int, elapsed: float, key: str
+) -> None:
+    from safetensors.torch import save_file
+
+    ck = out / "ckpt"
+    ck.mkdir(parents=True, exist_ok=True)
+    mname, oname = f"adapters_{step:06d}.safetensors", f"optim_{step:06d}.pt"
+    with atomic_path(ck / mname) as tmp:
+        save_file(_trainable_state(model), str(tmp))
+    with atomic_path(ck / oname) as tmp:
+        torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, tmp)
+    _write_json(
+        out / "state.json",
+        {"key": key, "step": step, "elapsed_s": elapsed, "model": mname, "optim": oname},
+    )
+    for p in ck.glob("*_*.*"):
+        if p.name not in (mname, oname) and not p.name.startswith("."):
+            p.unlink(missing_ok=True)
+
+
+def load_trainable(model: Any, path: Path) -> None:
+    """Load a trainable-parameter file into ``model`` (strict on names and shapes)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    own = dict(model.named_parameters())
+    missing = sorted(n for n, p in own.items() if p.requires_grad and n not in state)
+    unexpected = sorted(n for n in state if n not in own)
+    shapes = sorted(
+        f"{n}: file {tuple(t.shape)} vs model {tuple(own[n].shape)}"
+        for n, t in state.items()
+        if n in own and tuple(t.shape) != tuple(own[n].shape)
+    )
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{path} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
+            f"mis-shaped {shapes[:8]}; was it written by another adapter configuration?"
+        )
+    with torch.no_grad():
+        for n, t in state.items():
+            own[n].copy_(t)
+
+
+@torch.no_grad()
+def eval_loss(
+    model: Any, batches: list[Batch], table: torch.Tensor, device: Any
+) -> dict[str, float]:
+    """Mean loss parts over fixed batches (no gradient)."""
+    model.eval()
+    sums = dict.fromkeys(LOSS_KEYS, 0.0)
+    for b in batches:
+        b = b.to(device)
+        parts = batch_loss(model, b, table)
+        for k in LOSS_KEYS:
+            sums[k] += float(parts[k])
+    return {k: v / max(1, len(batches)) for k, v in sums.items()}
+
+
+def _keep_metrics_upto(path: Path, step: int) -> None:
+    from moshivis_lab.train.pretrain import _keep_metrics_upto as keep
+
+    keep(path, step)
+
+
+def train_adapters(
+    cfg: LabConfig,
+    tcfg: TrainConfig,
+    *,
+    run: str = "main",
+    progress: bool = True,
+    max_new_steps: int | None = None,
+    overwrite: bool = False,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Train (or resume, or skip when finished) the adapters of run ``run``; return its report.
+
+    ``max_new_steps`` stops this invocation after that many updates (checkpointed, resumable).
+    A run directory made with other settings raises a ValueError unless ``overwrite``. Torch's
+    thread count is set to ``tcfg.threads`` for the run and restored afterwards.
+    """
+    before = torch.get_num_threads()
+    try:
+        return _train_adapters(
+            cfg,
+            tcfg,
+            run=run,
+            progress=progress,
+            max_new_steps=max_new_steps,
+            overwrite=overwrite,
+            log=log,
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_adapters(
+    cfg: LabConfig,
+    tcfg: TrainConfig,
+    *,
+    run: str = "main",
+    progress: bool = True,
+    max_new_steps: int | None = None,
+    overwrite: bool = False,
+    log: Any = print,
+) -> dict[str, Any]:
+    from accelerate import Accelerator
+
+    from moshivis_lab.train.image_tokens import image_table
+    from moshivis_lab.train.pretrain import speech_lm_dir
+    from moshivis_lab.vision.pretrain import load_vision_encoder
+
+    if max_new_steps is not None and max_new_steps < 1:
+        raise ValueError(f"max_new_steps must be >= 1, got {max_new_steps}")
+    torch.set_num_threads(tcfg.threads)
+    out = adapters_dir(cfg, run)
+    encoder = load_vision_encoder(cfg)
+    train = MixedData(cfg, "train", tcfg.mix)
+    val = MixedData(cfg, "val", tcfg.mix)
+    torch.manual_seed(tcfg.seed)
+    model = build_model(cfg, tcfg.xa, image_dim=encoder.hidden_size)
+    lm_file = speech_lm_dir(cfg) / "model.safetensors"
+    lm_sha = (
+        read_json(speech_lm_dir(cfg) / ".pretrain.done.json").get("key", "")
+        if lm_file.exists()
+        else ""
+    )
+    key = _run_key(cfg, model, tcfg, lm_sha, encoder)
+    stage = Stage(out, "adapters", key)
+    state_path, metrics_path = out / "state.json", out / "metrics.jsonl"
+    old_key = read_json(state_path).get("key") if state_path.exists() else None
+    if old_key is not None and old_key != key:
+        if not overwrite:
+            raise ValueError(
+                f"{out} holds a run with other settings (key {old_key} != {key}); pass "
+                "overwrite=True (CLI: --overwrite) or another run name to start again"
+            )
+        shutil.rmtree(out)
+    if stage.done and (out / "adapters.safetensors").exists():
+        return stage.info()
+    counts = freeze_and_unfreeze(model, tcfg, log=log if progress else (lambda *_: None))
+    if counts["trainable"] == 0:
+        raise RuntimeError("no trainable parameters after unfreezing the adapters")
+
+    tables = {
+        "train": image_table(cfg, train.image_ids, encoder, "train", progress),
+        "val": image_table(cfg, val.image_ids, encoder, "val", progress),
+    }
+    del encoder
+    accel = Accelerator(
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        gradient_accumulation_steps=tcfg.grad_accum,
+        cpu=not torch.cuda.is_available(),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": tcfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=tcfg.lr,
+        betas=(tcfg.beta1, tcfg.beta2),
+    )
+    step, elapsed_before = 0, 0.0
+    if state_path.exists():
+        st = read_json(state_path)
+        load_trainable(model, out / "ckpt" / st["model"])
+        blob = torch.load(out / "ckpt" / st["optim"], weights_only=True)
+        opt.load_state_dict(blob["optimizer"])
+        torch.set_rng_state(blob["torch_rng"])
+        step, elapsed_before = int(st["step"]), float(st["elapsed_s"])
+        _keep_metrics_upto(metrics_path, step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    model, opt = accel.prepare(model, opt)
+    core = accel.unwrap_model(model)
+    device = accel.device
+    val_batches = [
+        batch_for_step(val, tcfg.batch_size, tcfg.seed + 10**6, i) for i in range(tcfg.eval_batches)
+    ]
+    t_start = time.time()
+    stop_at = tcfg.steps if max_new_steps is None else min(tcfg.steps, step + max_new_steps)
+    recent: list[dict[str, float]] = []
+    last_val: dict[str, float] | None = None
+    stopped = "steps"
+    bar = tqdm(total=tcfg.steps, initial=step, disable=not progress, desc=f"train adapters [{run}]")
+    with open(metrics_path, "a", encoding="utf-8") as mf:
+        while step < stop_at:
+            if time.time() - t_start >= tcfg.minutes * 60:
+                stopped = "time budget"
+                break
+            t0 = time.time()
+            lr = lr_at(step, tcfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            model.train()
+            acc: dict[str, float] = dict.fromkeys(LOSS_KEYS, 0.0)
+            norm: Any = 0.0
+            for micro in range(tcfg.grad_accum):
+                b = batch_for_step(train, tcfg.batch_size, tcfg.seed, step, micro).to(device)
+                with accel.accumulate(model), accel.autocast():
+                    parts = batch_loss(
+                        core, b, tables["train"], forward=model, split=accel.num_processes == 1
+                    )
+                    accel.backward(parts["loss"])
+                    if accel.sync_gradients:
+                        norm = accel.clip_grad_norm_(params, tcfg.grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                for k in LOSS_KEYS:
+                    acc[k] += float(parts[k].detach()) / tcfg.grad_accum
+            step += 1
+            rec = {**acc, "grad_norm": float(norm), "lr": lr}
+            recent = (recent + [rec])[-20:]
+            bar.update(1)
+            bar.set_postfix(loss=f"{acc['loss']:.3f}", text=f"{acc['speechless_text_loss']:.2f}")
+            elapsed = elapsed_before + time.time() - t_start
+            if accel.is_main_process and (step % tcfg.log_interval == 0 or step == stop_at):
+                line = {
+                    "step": step,
+                    "split": "train",
+                    **rec,
+                    "step_s": time.time() - t0,
+                    "elapsed_s": elapsed,
+                }
+                mf.write(json.dumps(line) + "\n")
+                mf.flush()
+            if step % tcfg.eval_interval == 0 or step == tcfg.steps:
+                last_val = eval_loss(core, val_batches, tables["val"], device)
+                if accel.is_main_process:
+                    mf.write(
+                        json.dumps({"step": step, "split": "val", **last_val, "elapsed_s": elapsed})
+                        + "\n"
+                    )
+                    mf.flush()
+            if accel.is_main_process and step % tcfg.ckpt_interval == 0 and step < stop_at:
+                _save(out, core, opt, step, elapsed, key)
+    bar.close()
+    elapsed = elapsed_before + time.time() - t_start
+    if not accel.is_main_process:
+        return {}
+    _save(out, core, opt, step, elapsed, key)
+    finished = step >= tcfg.steps
+    report: dict[str, Any] = {
+        "run": run,
+        "step": step,
+        "steps": tcfg.steps,
+        "finished": finished,
+        "stopped_by": stopped if not finished else "steps",
+        "elapsed_s": round(elapsed, 2),
+        "device": str(device),
+        "parameters": counts,
+        "train_loss_last20": (
+            {k: float(np.mean([r[k] for r in recent])) for k in LOSS_KEYS} if recent else None
+        ),
+        "val_loss": last_val,
+        "dir": str(out),
+        "config": json.loads(json.dumps(dataclasses.asdict(tcfg), default=str)),
+    }
+    if finished:
+        from safetensors.torch import save_file
+
+        with atomic_path(out / "adapters.safetensors") as tmp:
+            save_file(_trainable_state(core), str(tmp))
+        _write_json(out / "train_report.json", report)
+        return stage.finish(**report)
+    return report
+
+
+def load_trained(cfg: LabConfig, run: str = "main", tcfg: TrainConfig | None = None) -> Any:
+    """The trained ``MoshiVis`` of run ``run`` (final weights, else the latest checkpoint)."""
+    out = adapters_dir(cfg, run)
+    report = out / "train_report.json"
+    tcfg = tcfg or TrainConfig.tiny()
+    if report.exists():
+        conf = read_json(report)["config"]
+        tcfg = _config_from_dict(conf)
+    model = build_model(cfg, tcfg.xa)
+    freeze_and_unfreeze(model, tcfg, log=lambda *_: None)
+    path = out / "adapters.safetensors"
+    if not path.exists() and (out / "state.json").exists():
+        path = out / "ckpt" / read_json(out / "state.json")["model"]
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no trained adapters under {out}; run `moshivis-lab train --preset {cfg.name}`"
+        )
+    load_trainable(model, path)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    d = dict(d)
+    d["mix"] = MixConfig(**d["mix"])
+    if d.get("xa") is not None:
+        xa = dict(d["xa"])
+        for k, v in xa.items():
+            if isinstance(v, list):
+                xa[k] = tuple(v)
+        d["xa"] = XAConfig(**xa)
+    d["lora_targets"] = tuple(d["lora_targets"])
+    return TrainConfig(**d)
+
+
+def ensure_pretrained(cfg: LabConfig, progress: bool = True) -> dict[str, Any]:
+    """Build whatever the adapters need and is missing: world data, speech LM, image encoder.
+
+    Each part is skipped when already built (its stage stamp matches). The smoke preset uses the
+    smoke trainers and a smaller vision tower, so that CI and notebooks run in seconds.
+    """
+    from moshivis_lab.pipeline import build_data
+    from moshivis_lab.train.pretrain import PretrainConfig, pretrain_speech
+    from moshivis_lab.vision.pretrain import (
+        VisionPretrainConfig,
+        pretrain_vision,
+        smoke_vision_config,
+    )
+
+    smoke = cfg.name == "smoke"
+    out: dict[str, Any] = {"data": build_data(cfg, progress=progress)}
+    ptcfg = PretrainConfig.smoke() if smoke else PretrainConfig.tiny()
+    report = pretrain_speech(cfg, ptcfg, progress=progress)
+    while not report.get("finished", True):  # a time budget ran out: resume until done
+        report = pretrain_speech(cfg, ptcfg, progress=progress)
+    out["speech_lm"] = report
+    vt = VisionPretrainConfig.smoke() if smoke else VisionPretrainConfig.tiny()
+    out["vision"] = pretrain_vision(
+        cfg, vt, smoke_vision_config() if smoke else None, progress=progress
+    )
+    return out

@@ -1,0 +1,250 @@
+"""The single-stage data mix of MoshiVis: speech samples and speechless samples in one batch.
+
+Each training sample is an aligned Moshi grid ``[17, T]`` (row 0 text, rows 1..8 the assistant's
+codes, rows 9..16 the user's) that talks about one image, plus two per-position rows:
+
+- ``text_weight [T]``: the weight of the text target at that position (speechless samples train
+  on the assistant's tokens only unless ``MixConfig.user_text_weight`` says otherwise);
+- ``relevance [T]``: 1 where the dialogue is about the image, 0 on glued unrelated talk, -1 where
+  it is undefined (padding). It is never used by the loss: it is the ground truth of the gate
+  image-relevance analysis.
+
+A **speech** sample (probability ``p_audio``) is a spoken image dialogue of the world, its text row
+the assistant's timed inner monologue. A **speechless** sample is an image-text item (caption, VQA,
+OCR, counting, or an image dialogue as text) whose whole dialogue sits in the text stream, user
+and assistant tokens one after another, while every audio row is the zero token (-1, embedded as
+exactly zero and masked out of the loss). With probability ``p_concat`` an unrelated chit-chat
+dialogue is glued before or after (as speech for speech samples, as text for speechless ones), so
+that the model learns to switch topic and the gates can learn when the image matters.
+
+Every sample is a pure function of ``(seed, step, slot)`` so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from moshivis_lab.config import ZERO_TOKEN, LabConfig, _check
+from moshivis_lab.world.shards import ShardReader, load_split
+
+N_ROWS = 17  # Moshi's grid: text + 8 assistant + 8 user codebooks (tiny and real alike)
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """How batches mix speech and speechless samples (validated on construction)."""
+
+    p_audio: float = 0.25  # probability that a sample is a spoken image dialogue
+    p_concat: float = 0.5  # probability of gluing an unrelated chit-chat dialogue to a sample
+    speech_len: int = 160  # frames per speech sample (12.5 Hz: 160 = 12.8 s)
+    text_len: int = 96  # tokens per speechless sample
+    user_text_weight: float = 0.0  # loss weight of the user's tokens in speechless samples
+
+    def __post_init__(self) -> None:
+        for n in ("p_audio", "p_concat"):
+            v = getattr(self, n)
+            _check(0.0 <= v <= 1.0, "MixConfig", n, f"must be a probability in [0, 1], got {v}")
+        for n in ("speech_len", "text_len"):
+            v = getattr(self, n)
+            _check(v >= 8, "MixConfig", n, f"must be >= 8, got {v}")
+        _check(
+            self.user_text_weight >= 0,
+            "MixConfig",
+            "user_text_weight",
+            f"must be >= 0, got {self.user_text_weight}",
+        )
+
+    def replace(self, **changes: Any) -> MixConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Batch:
+    """A training batch: codes ``[B, 17, T]``, per-position rows ``[B, T]``, image indices."""
+
+    codes: torch.Tensor
+    text_weight: torch.Tensor
+    relevance: torch.Tensor
+    image_index: torch.Tensor  # row of the image-token table of the split
+    is_speech: torch.Tensor  # bool [B]
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch on ``device``."""
+        return Batch(*(t.to(device) for t in dataclasses.astuple(self)))
+
+
+class MixedData:
+    """One split's samples, ready to be drawn into mixed batches.
+
+    ``image_ids`` fixes the order of the split's image-token table (``Batch.image_index`` points
+    into it). Chit-chat text for speechless gluing is tokenised once from the spoken chit-chat
+    transcripts.
+    """
+
+    def __init__(self, cfg: LabConfig, split: str, mix: MixConfig, tokenizer: Any = None) -> None:
+        if tokenizer is None:
+            from moshivis_lab.world.tokenizer import TextTokenizer
+
+            tokenizer = TextTokenizer.load(cfg.tokenizer_path)
+        self.mix = mix
+        shards = load_split(cfg, split)
+        self.speech: ShardReader = shards["speech"]
+        self.text: ShardReader = shards["text"]
+        self.image_ids: list[str] = sorted(
+            {m["image_id"] for m in self.text.meta if m.get("image_id")}
+            | {m["image_id"] for m in self.speech.meta if m.get("image_id")}
+        )
+        self.image_row = {k: i for i, k in enumerate(self.image_ids)}
+        self.spoken_image = [i for i, m in enumerate(self.speech.meta) if m.get("image_id")]
+        self.spoken_chat = [i for i, m in enumerate(self.speech.meta) if not m.get("image_id")]
+        self.texts = [i for i, m in enumerate(self.text.meta) if m.get("image_id")]
+        self.chat_text: list[tuple[np.ndarray, np.ndarray]] = []
+        for i in self.spoken_chat:
+            ids: list[int] = []
+            roles: list[int] = []
+            for t in self.speech.meta[i].get("turns", []):
+                tok = tokenizer.encode(t["text"])
+                ids += tok
+                roles += [1 if t["speaker"] == "assistant" else 0] * len(tok)
+            self.chat_text.append((np.asarray(ids, np.int64), np.asarray(roles, np.int64)))
+        if not self.texts:
+            raise ValueError(f"split {split!r} has no image-text samples; rebuild the world data")
+        if mix.p_audio > 0 and not self.spoken_image:
+            raise ValueError(
+                f"p_audio={mix.p_audio} but split {split!r} has no spoken image dialogues; "
+                "set p_audio=0 or build a world with n_spoken_image_dialogues > 0"
+            )
+
+    # ------------------------------------------------------------------ single samples
+
+    def speech_sample(self, i: int, rng: np.random.Generator, glue: bool) -> dict[str, Any]:
+        """Spoken image dialogue ``i`` of the speech shard (maybe with chit-chat glued on)."""
+        meta = self.speech.meta[i]
+        grid = np.asarray(self.speech.tokens(i), dtype=np.int64)
+        rel = turn_relevance(meta, grid.shape[1])
+        if glue and self.spoken_chat:
+            j = self.spoken_chat[int(rng.integers(len(self.spoken_chat)))]
+            other = np.asarray(self.speech.tokens(j), dtype=np.int64)
+            orel = np.zeros(other.shape[1], np.int64)
+            if rng.random() < 0.5:
+                grid, rel = np.concatenate([other, grid], 1), np.concatenate([orel, rel])
+            else:
+                grid, rel = np.concatenate([grid, other], 1), np.concatenate([rel, orel])
+        n = self.mix.speech_len
+        start = _crop_start(rel, grid.shape[1], n, rng)
+        grid, rel = grid[:, start : start + n], rel[start : start + n]
+        return {
+            "codes": grid,
+            "text_weight": (grid[0] != ZERO_TOKEN).astype(np.float32),
+            "relevance": rel,
+            "image": self.image_row[meta["image_id"]],
+            "speech": True,
+        }
+
+    def text_sample(self, i: int, rng: np.random.Generator, glue: bool) -> dict[str, Any]:
+        """Speechless image-text sample ``i`` of the text shard (maybe with chit-chat glued on)."""
+        tok = np.asarray(self.text.tokens(i), dtype=np.int64)
+        ids, roles = tok[0], tok[1]
+        rel = np.ones(len(ids), np.int64)
+        if glue and self.chat_text:
+            cids, croles = self.chat_text[int(rng.integers(len(self.chat_text)))]
+            crel = np.zeros(len(cids), np.int64)
+            if rng.random() < 0.5:
+                ids, roles, rel = (
+                    np.concatenate(x) for x in ((cids, ids), (croles, roles), (crel, rel))
+                )
+            else:
+                ids, roles, rel = (
+                    np.concatenate(x) for x in ((ids, cids), (roles, croles), (rel, crel))
+                )
+        n = self.mix.text_len
+        if len(ids) > n:  # keep the image part whole where possible
+            img = np.flatnonzero(rel == 1)
+            start = min(max(int(img[-1]) + 1 - n, 0), int(img[0])) if len(img) else 0
+            ids, roles, rel = (
+                ids[start : start + n],
+                roles[start : start + n],
+                rel[start : start + n],
+            )
+        codes = np.full((N_ROWS, len(ids)), ZERO_TOKEN, np.int64)
+        codes[0] = ids
+        w = np.where(roles == 1, 1.0, self.mix.user_text_weight).astype(np.float32)
+        return {
+            "codes": codes,
+            "text_weight": w,
+            "relevance": rel,
+            "image": self.image_row[self.text.meta[i]["image_id"]],
+            "speech": False,
+        }
+
+    # ------------------------------------------------------------------ batches
+
+    def batch(self, batch_size: int, rng: np.random.Generator) -> Batch:
+        """``batch_size`` samples: speech with probability ``p_audio``, else speechless."""
+        samples = []
+        for _ in range(batch_size):
+            glue = rng.random() < self.mix.p_concat
+            if self.spoken_image and rng.random() < self.mix.p_audio:
+                i = self.spoken_image[int(rng.integers(len(self.spoken_image)))]
+                samples.append(self.speech_sample(i, rng, glue))
+            else:
+                i = self.texts[int(rng.integers(len(self.texts)))]
+                samples.append(self.text_sample(i, rng, glue))
+        return collate(samples)
+
+
+def turn_relevance(meta: dict[str, Any], n_frames: int) -> np.ndarray:
+    """Per frame: 1 inside a turn (and the gap after it) about the image, 0 otherwise."""
+    rel = np.zeros(n_frames, np.int64)
+    turns = meta.get("turns") or []
+    for k, t in enumerate(turns):
+        start = int(t.get("start_frame", 0))
+        end = int(turns[k + 1]["start_frame"]) if k + 1 < len(turns) else n_frames
+        rel[start:end] = 1 if t.get("topic") == "image" else 0
+    return rel
+
+
+def _crop_start(rel: np.ndarray, total: int, n: int, rng: np.random.Generator) -> int:
+    """A crop start that keeps image talk inside the crop when the sample is too long."""
+    if total <= n:
+        return 0
+    img = np.flatnonzero(rel == 1)
+    if len(img) == 0:
+        return int(rng.integers(0, total - n + 1))
+    lo = max(0, min(int(img[0]), total - n) - n // 2)
+    hi = min(total - n, int(img[0]))
+    return int(rng.integers(lo, max(lo, hi) + 1))
+
+
+def collate(samples: list[dict[str, Any]]) -> Batch:
+    """Right-pad samples to one length: codes with -1, weights with 0, relevance with -1."""
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    t = max(s["codes"].shape[1] for s in samples)
+    b = len(samples)
+    codes = np.full((b, N_ROWS, t), ZERO_TOKEN, np.int64)
+    weight = np.zeros((b, t), np.float32)
+    rel = np.full((b, t), -1, np.int64)
+    for i, s in enumerate(samples):
+        n = s["codes"].shape[1]
+        codes[i, :, :n] = s["codes"]
+        weight[i, :n] = s["text_weight"]
+        rel[i, :n] = s["relevance"]
+    return Batch(
+        codes=torch.from_numpy(codes),
+        text_weight=torch.from_numpy(weight),
+        relevance=torch.from_numpy(rel),
+        image_index=torch.tensor([s["image"] for s in samples], dtype=torch.long),
+        is_speech=torch.tensor([s["speech"] for s in samples], dtype=torch.bool),
+    )
+
+
+def batch_for_step(data: MixedData, batch_size: int, seed: int, step: int, micro: int = 0) -> Batch:
+    """The (micro-)batch of update ``step``: a function of ``(seed, step, micro)`` only."""
+    return data.batch(batch_size, np.random.default_rng([seed, step, micro]))

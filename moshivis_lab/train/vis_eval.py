@@ -1,0 +1,401 @@
+"""Evaluate a trained MoshiVis on held-out images: tasks by text and by speech, speech kept, gates.
+
+(a) **Tasks** on the test images (and the ``heldout`` split of unseen colour-shape pairs): VQA per
+    question type, OCR and counting, each beside its chance level. With **text prompts** the
+    question sits in the text stream (speechless mode) and the reply is decoded greedily; with
+    **spoken prompts** (the paper's "Babillage" idea) the question is spoken by the TTS in user
+    voices held out from training, encoded by the codec and streamed into the model frame by
+    frame; the assistant's text stream after the question is the reply. A reply is right when its
+    first sentence says the answer (yes/no questions: its first word).
+(b) **Captions**: attribute F1 (colours, shapes, sizes, positions named) of the greedy caption.
+(c) **Speech kept**: assistant audio NLL on held-out chit-chat recordings for the base LM, and
+    for the adapted model with no image and with an unrelated image.
+(d) **Gates as an image-relevance score**: on validation samples with unrelated chit-chat glued
+    on, the AUROC of the per-token gate (mean over the last 10 layers, as the paper) for "this
+    position belongs to the talk about the image".
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from moshivis_lab.artefacts import write_json
+from moshivis_lab.config import TEXT_EPAD_ID, TEXT_PAD_ID, ZERO_TOKEN, LabConfig
+from moshivis_lab.train.speech_eval import _finite, answer_found, words_of
+from moshivis_lab.world import vocab
+
+N_ROWS = 17
+_SENTENCE = re.compile(r"[.?!]")
+EVAL_TASKS = ("vqa", "ocr", "count")
+
+
+def task_items(cfg: LabConfig, split: str, per_type: int | None = None) -> list[dict[str, Any]]:
+    """Held-out VQA / OCR / counting / caption items: image, question, answer, type."""
+    from moshivis_lab.world.shards import read_image_texts
+
+    out: list[dict[str, Any]] = []
+    counts: Counter[str] = Counter()
+    for it in read_image_texts(cfg, split):
+        if it.task not in (*EVAL_TASKS, "caption"):
+            continue
+        kind = "caption" if it.task == "caption" else f"{it.task}/{it.meta.get('answer_type')}"
+        if per_type is not None and counts[kind] >= per_type:
+            continue
+        counts[kind] += 1
+        (_, q), (_, a) = it.turns[0], it.turns[1]
+        out.append(
+            {"image_id": it.image_id, "task": it.task, "type": kind, "question": q, "answer": a}
+        )
+    return out
+
+
+def reply_correct(reply: str, answer: str, kind: str) -> bool:
+    """First word for yes/no, else the answer's words inside the reply's first sentence."""
+    first = _SENTENCE.split(reply.strip(), maxsplit=1)[0] if reply.strip() else ""
+    if kind.endswith("yes/no"):
+        w = words_of(first)
+        return bool(w) and w[0] == answer.lower()
+    return answer_found(first, [answer])
+
+
+def chance_levels(cfg: LabConfig) -> dict[str, dict[str, float]]:
+    """Per question type: uniform chance over the train answers and the majority-answer rate."""
+    answers: dict[str, Counter[str]] = defaultdict(Counter)
+    for it in task_items(cfg, "train"):
+        if it["task"] != "caption":
+            answers[it["type"]][it["answer"].lower()] += 1
+    return {
+        k: {"uniform": 1.0 / len(c), "majority": max(c.values()) / sum(c.values())}
+        for k, c in answers.items()
+    }
+
+
+# ---------------------------------------------------------------------- text prompts
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    ids = [i for i in ids if i >= 0 and i not in (TEXT_PAD_ID, TEXT_EPAD_ID)]
+    return tokenizer.decode(ids).strip() if ids else ""
+
+
+@torch.inference_mode()
+def text_replies(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    image_tokens: torch.Tensor | None,
+    max_new_tokens: int = 10,
+    batch_size: int = 64,
+) -> list[str]:
+    """Greedy speechless replies: each prompt in the text stream (audio rows -1), then decode.
+
+    ``image_tokens [len(prompts), N, D]``: each prompt's image (None: the base model, no image).
+    Prompts of equal token length share a batch so nothing is padded; each batch's image K/V
+    are computed once and reused for every decoded token.
+    """
+    enc = [tokenizer.encode(p) for p in prompts]
+    replies = [""] * len(prompts)
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, e in enumerate(enc):
+        by_len[len(e)].append(i)
+    device = model.device
+    for _, idx_all in sorted(by_len.items()):
+        for s in range(0, len(idx_all), batch_size):
+            idx = idx_all[s : s + batch_size]
+            codes = torch.full((len(idx), N_ROWS, len(enc[idx[0]])), ZERO_TOKEN, dtype=torch.long)
+            codes[:, 0] = torch.tensor([enc[i] for i in idx])
+            codes = codes.to(device)
+            kv = (
+                model.encode_image(image_tokens[idx].to(device))
+                if image_tokens is not None
+                else None
+            )
+            new: list[list[int]] = [[] for _ in idx]
+            for _ in range(max_new_tokens):
+                ext = torch.full((len(idx), N_ROWS, 1), ZERO_TOKEN, dtype=torch.long, device=device)
+                out = model(torch.cat([codes, ext], 2), image_kv=kv)
+                nxt = out.text_logits[:, 0, -1].float().argmax(-1)
+                ext[:, 0, 0] = nxt
+                codes = torch.cat([codes, ext], 2)
+                for b, t in enumerate(nxt.tolist()):
+                    new[b].append(t)
+            for b, i in enumerate(idx):
+                replies[i] = _decode(tokenizer, new[b])
+    return replies
+
+
+# ---------------------------------------------------------------------- spoken prompts
+
+
+def spoken_prompts(
+    cfg: LabConfig,
+    questions: list[str],
+    codec: Any,
+    voices: list[Any],
+    lead_in_s: float = 0.4,
+    tail_s: float = 3.2,
+) -> tuple[np.ndarray, list[int]]:
+    """User codes ``[B, K, T]`` of each question spoken by ``voices[i % len]`` then silence,
+    and each question's end frame."""
+    from moshivis_lab.world.speech import synthesize
+
+    sr, fs = int(codec.sample_rate), int(codec.frame_size)
+    wavs, ends = [], []
+    for i, q in enumerate(questions):
+        u = synthesize(q, voices[i % len(voices)], sr)
+        lead = np.zeros(int(lead_in_s * sr), np.float32)
+        wavs.append(np.concatenate([lead, u.wav.astype(np.float32)]))
+        ends.append(math.ceil(len(wavs[-1]) / fs))
+    total = (max(ends) + math.ceil(tail_s * sr / fs)) * fs
+    codes = [codec.encode(np.pad(w, (0, total - len(w)))) for w in wavs]
+    return np.stack([np.asarray(c, np.int64) for c in codes]), ends
+
+
+@torch.inference_mode()
+def stream_replies(
+    model: Any,
+    user: np.ndarray,
+    image_kv: Any,
+    *,
+    text_temperature: float = 0.0,
+    temperature: float = 0.8,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Full-duplex streaming over user codes ``[B, K, H]``: Moshi's text ``[B, H]`` and audio
+    ``[B, dep_q, H]`` aligned to the user's frames (-1 during the delays)."""
+    lm_cfg = model.lm.cfg if hasattr(model, "lm") else model.cfg
+    b, _, h = user.shape
+    text = np.full((b, h), ZERO_TOKEN, np.int64)
+    audio = np.full((b, lm_cfg.dep_q, h), ZERO_TOKEN, np.int64)
+    model.eval()
+    with model.streaming(b, temperature=temperature, text_temperature=text_temperature, seed=seed):
+        for j in tqdm(range(h + lm_cfg.max_delay), disable=not progress, desc="stream"):
+            frame = j - 1
+            u = user[:, :, frame] if 0 <= frame < h else np.full(user.shape[:2], ZERO_TOKEN)
+            u = torch.from_numpy(np.ascontiguousarray(u)).to(model.device)
+            tok, codes = model.step(u, image_kv) if image_kv is not None else model.step(u)
+            t = j - lm_cfg.max_delay
+            if 0 <= t < h:
+                text[:, t] = tok.cpu().numpy()
+                audio[:, :, t] = codes.cpu().numpy()
+    return text, audio
+
+
+# ---------------------------------------------------------------------- the report
+
+
+def _accuracy(items: list[dict[str, Any]], replies: list[str]) -> dict[str, Any]:
+    per: dict[str, list[bool]] = defaultdict(list)
+    for it, r in zip(items, replies, strict=True):
+        per[it["type"]].append(reply_correct(r, it["answer"], it["type"]))
+    out: dict[str, Any] = {
+        k: {"n": len(v), "accuracy": float(np.mean(v))} for k, v in sorted(per.items())
+    }
+    vqa = [o for k, v in per.items() if k.startswith("vqa/") for o in v]
+    out["vqa_all"] = {"n": len(vqa), "accuracy": float(np.mean(vqa)) if vqa else float("nan")}
+    return out
+
+
+def _attributes(text: str) -> set[str]:
+    words = set(words_of(text))
+    names = (*vocab.COLOUR_NAMES, *vocab.SHAPES, *vocab.SIZE_NAMES)
+    return {w for w in names if w in words}
+
+
+def caption_f1(refs: list[str], hyps: list[str]) -> float:
+    """Mean per-caption F1 between the colour / shape / size words named."""
+    f1s = []
+    for r, h in zip(refs, hyps, strict=True):
+        a, b = _attributes(r), _attributes(h)
+        if not a and not b:
+            continue
+        tp = len(a & b)
+        f1s.append(2 * tp / (len(a) + len(b)) if (a or b) else 0.0)
+    return float(np.mean(f1s)) if f1s else float("nan")
+
+
+@torch.inference_mode()
+def audio_nll(
+    model: Any, grids: list[np.ndarray], image_tokens: torch.Tensor | None = None
+) -> float:
+    """Mean assistant-audio CE (nats, semantic book included unweighted) over ``grids``."""
+    total, count = 0.0, 0
+    for i, g in enumerate(grids):
+        codes = torch.from_numpy(np.asarray(g, np.int64))[None].to(model.device)
+        if image_tokens is not None:
+            out = model(codes, image_tokens=image_tokens[i : i + 1].to(model.device))
+        else:
+            out = model(codes)
+        m = out.mask[0]
+        tgt = codes[0, 1 : 1 + m.shape[0]][m]
+        ce = F.cross_entropy(out.logits[0][m].float(), tgt, reduction="sum")
+        total, count = total + float(ce), count + int(m.sum())
+    return total / max(count, 1)
+
+
+@torch.inference_mode()
+def gate_auroc(
+    model: Any, data: Any, table: torch.Tensor, n_batches: int, batch_size: int, seed: int
+) -> dict[str, Any]:
+    """AUROC of the per-token gate score for image relevance on glued validation samples."""
+    from sklearn.metrics import roc_auc_score
+
+    from moshivis_lab.train.mix import batch_for_step
+
+    scores: dict[str, list[np.ndarray]] = {"speech": [], "speechless": []}
+    labels: dict[str, list[np.ndarray]] = {"speech": [], "speechless": []}
+    last = min(10, len(model.cfg.layers))
+    for i in range(n_batches):
+        b = batch_for_step(data, batch_size, seed, i).to(model.device)
+        out = model(b.codes, image_tokens=table[b.image_index.cpu()].to(model.device))
+        g = out.gate_score(last).float().cpu().numpy()
+        rel = b.relevance.cpu().numpy()
+        for r in range(g.shape[0]):
+            kind = "speech" if bool(b.is_speech[r]) else "speechless"
+            ok = rel[r] >= 0
+            scores[kind].append(g[r][ok])
+            labels[kind].append(rel[r][ok])
+    out_d: dict[str, Any] = {"last_layers": last}
+    all_s, all_l = [], []
+    for kind in ("speech", "speechless"):
+        if not scores[kind]:
+            continue
+        s, lab = np.concatenate(scores[kind]), np.concatenate(labels[kind])
+        all_s.append(s)
+        all_l.append(lab)
+        ok = len(set(lab.tolist())) == 2
+        out_d[kind] = {
+            "positions": int(len(s)),
+            "auroc": float(roc_auc_score(lab, s)) if ok else float("nan"),
+            "mean_gate_image": float(s[lab == 1].mean()) if (lab == 1).any() else float("nan"),
+            "mean_gate_unrelated": float(s[lab == 0].mean()) if (lab == 0).any() else float("nan"),
+        }
+    s, lab = np.concatenate(all_s), np.concatenate(all_l)
+    out_d["auroc"] = float(roc_auc_score(lab, s)) if len(set(lab.tolist())) == 2 else float("nan")
+    return out_d
+
+
+def evaluate_moshivis(
+    cfg: LabConfig,
+    model: Any,
+    *,
+    run: str = "main",
+    splits: tuple[str, ...] = ("test", "heldout"),
+    per_type: int = 60,
+    spoken_per_type: int = 24,
+    n_captions: int = 60,
+    n_speech: int = 24,
+    gate_batches: int = 8,
+    seed: int = 0,
+    base_lm: Any = None,
+    out_path: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The full report of section (a)-(d) above; written to ``adapters/<run>/eval.json``."""
+    from moshivis_lab.audio.codecs import load_codec
+    from moshivis_lab.train.adapters import adapters_dir
+    from moshivis_lab.train.image_tokens import image_table
+    from moshivis_lab.train.mix import MixConfig, MixedData
+    from moshivis_lab.train.pretrain import load_speech_lm
+    from moshivis_lab.vision.pretrain import load_vision_encoder
+    from moshivis_lab.world.shards import load_split
+    from moshivis_lab.world.speech import user_voices
+    from moshivis_lab.world.tokenizer import TextTokenizer
+
+    t0 = time.time()
+    model.eval()
+    tok = TextTokenizer.load(cfg.tokenizer_path)
+    codec = load_codec(cfg)
+    encoder = load_vision_encoder(cfg)
+    heldout_voices = list(
+        user_voices(cfg.world.n_user_voices)[cfg.world.n_user_voices - cfg.world.n_heldout_voices :]
+    )
+    report: dict[str, Any] = {"run": run, "preset": cfg.name, "chance": chance_levels(cfg)}
+    report["heldout_voices"] = [v.name for v in heldout_voices]
+
+    def tokens_for(ids: list[str], name: str) -> torch.Tensor:
+        uniq = sorted(set(ids))
+        table = image_table(cfg, uniq, encoder, name, progress)
+        row = {k: i for i, k in enumerate(uniq)}
+        return table[[row[i] for i in ids]]
+
+    for split in splits:
+        items = task_items(cfg, split, per_type)
+        qa = [it for it in items if it["task"] != "caption"]
+        caps = [it for it in items if it["task"] == "caption"][:n_captions]
+        if not qa:
+            continue
+        res: dict[str, Any] = {}
+        img = tokens_for([it["image_id"] for it in qa], f"eval_{split}")
+        replies = text_replies(model, tok, [it["question"] for it in qa], img)
+        res["text_prompts"] = _accuracy(qa, replies)
+        res["text_examples"] = [
+            {"question": it["question"], "answer": it["answer"], "reply": r}
+            for it, r in list(zip(qa, replies, strict=True))[:: max(1, len(qa) // 8)]
+        ]
+        # Spoken prompts, held-out voices.
+        sp: list[dict[str, Any]] = []
+        per: Counter[str] = Counter()
+        for it in qa:
+            if per[it["type"]] < spoken_per_type:
+                per[it["type"]] += 1
+                sp.append(it)
+        user, ends = spoken_prompts(cfg, [it["question"] for it in sp], codec, heldout_voices)
+        kv = model.encode_image(
+            tokens_for([it["image_id"] for it in sp], f"eval_{split}").to(model.device)
+        )
+        text, _ = stream_replies(model, user, kv, seed=seed, progress=progress)
+        sreplies = [_decode(tok, [int(x) for x in text[b, ends[b] :]]) for b in range(len(sp))]
+        res["spoken_prompts"] = _accuracy(sp, sreplies)
+        res["spoken_examples"] = [
+            {"question": it["question"], "answer": it["answer"], "reply": r}
+            for it, r in list(zip(sp, sreplies, strict=True))[:: max(1, len(sp) // 8)]
+        ]
+        if caps:
+            img = tokens_for([it["image_id"] for it in caps], f"eval_{split}")
+            hyp = text_replies(model, tok, [it["question"] for it in caps], img, max_new_tokens=40)
+            res["caption_attribute_f1"] = caption_f1([it["answer"] for it in caps], hyp)
+            res["caption_examples"] = [
+                {"reference": it["answer"], "generated": h}
+                for it, h in list(zip(caps, hyp, strict=True))[:4]
+            ]
+        report[split] = res
+
+    # (c) Speech kept: chit-chat recordings of the test split.
+    speech = load_split(cfg, "test")["speech"]
+    grids = [
+        np.asarray(speech.tokens(i), np.int64)[:, :256]
+        for i, m in enumerate(speech.meta)
+        if not m.get("image_id")
+    ][:n_speech]
+    if grids:
+        base = base_lm if base_lm is not None else load_speech_lm(cfg)
+        base.eval()
+        # Chit-chat is unrelated to any image: show each recording some test image.
+        ids = sorted({it["image_id"] for it in task_items(cfg, "test", 4)})
+        unrelated = tokens_for([ids[i % len(ids)] for i in range(len(grids))], "eval_test")
+        report["speech_kept"] = {
+            "n": len(grids),
+            "base_audio_nll": audio_nll(base, grids),
+            "adapted_no_image_audio_nll": audio_nll(model, grids),
+            "adapted_unrelated_image_audio_nll": audio_nll(model, grids, unrelated),
+        }
+    # (d) Gates.
+    val = MixedData(cfg, "val", MixConfig(p_audio=0.5, p_concat=1.0))
+    table = image_table(cfg, val.image_ids, encoder, "val", progress)
+    report["gates"] = gate_auroc(model, val, table, gate_batches, 16, seed)
+    report["seconds"] = round(time.time() - t0, 2)
+    path = Path(out_path) if out_path is not None else adapters_dir(cfg, run) / "eval.json"
+    write_json(path, _finite(report))
+    return report

@@ -1,0 +1,94 @@
+"""The single-stage data mix: speech vs speechless samples, gluing, weights and relevance rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moshivis_lab.config import ZERO_TOKEN
+from moshivis_lab.train.mix import MixConfig, MixedData, batch_for_step, collate, turn_relevance
+
+
+def test_mix_config_validates():
+    for bad in ({"p_audio": 1.5}, {"p_concat": -0.1}, {"speech_len": 4}, {"user_text_weight": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MixConfig(**bad)
+
+
+def test_speechless_samples_have_zero_audio_and_answer_only_weights(smoke_world):
+    data = MixedData(smoke_world, "train", MixConfig(p_audio=0.0, p_concat=0.0))
+    b = batch_for_step(data, 8, seed=0, step=0)
+    assert not b.is_speech.any()
+    codes = b.codes.numpy()
+    assert (codes[:, 1:] == ZERO_TOKEN).all(), "speechless audio rows must be the zero token"
+    valid = codes[:, 0] != ZERO_TOKEN
+    w = b.text_weight.numpy()
+    assert (w[~valid] == 0).all()
+    # user tokens weigh 0, assistant tokens 1: both occur in every sample
+    for r in range(codes.shape[0]):
+        vals = set(w[r][valid[r]].tolist())
+        assert vals == {0.0, 1.0}
+    assert (b.relevance.numpy()[valid] == 1).all()
+
+
+def test_speech_samples_keep_the_recording_and_its_image(smoke_world):
+    data = MixedData(smoke_world, "train", MixConfig(p_audio=1.0, p_concat=0.0, speech_len=64))
+    b = batch_for_step(data, 4, seed=1, step=3)
+    assert b.is_speech.all()
+    codes = b.codes.numpy()
+    assert codes.shape[1:] == (17, 64)
+    assert (codes[:, 1:9] != ZERO_TOKEN).any(), "speech samples carry the assistant's codes"
+    assert (b.image_index.numpy() < len(data.image_ids)).all()
+    assert set(np.unique(b.relevance.numpy())) <= {-1, 0, 1}
+
+
+def test_gluing_adds_unrelated_talk_labelled_zero(smoke_world):
+    data = MixedData(smoke_world, "train", MixConfig(p_audio=0.0, p_concat=1.0, text_len=200))
+    b = batch_for_step(data, 8, seed=0, step=0)
+    rel = b.relevance.numpy()
+    assert (rel == 0).any() and (rel == 1).any()
+    sp = MixedData(smoke_world, "train", MixConfig(p_audio=1.0, p_concat=1.0, speech_len=400))
+    b = batch_for_step(sp, 4, seed=0, step=0)
+    assert (b.relevance.numpy() == 0).any()
+
+
+def test_batches_are_a_function_of_seed_and_step(smoke_world):
+    data = MixedData(smoke_world, "train", MixConfig())
+    a, b = batch_for_step(data, 6, 0, 5), batch_for_step(data, 6, 0, 5)
+    c = batch_for_step(data, 6, 0, 6)
+    assert (a.codes == b.codes).all() and (a.image_index == b.image_index).all()
+    assert a.codes.shape != c.codes.shape or not (a.codes == c.codes).all()
+
+
+def test_turn_relevance_follows_turn_topics():
+    meta = {
+        "turns": [
+            {"start_frame": 2, "topic": "greetings"},
+            {"start_frame": 10, "topic": "image"},
+            {"start_frame": 20, "topic": "image"},
+        ]
+    }
+    rel = turn_relevance(meta, 30)
+    assert (rel[:10] == 0).all() and (rel[10:] == 1).all()
+
+
+def test_collate_pads_with_zero_token():
+    s = {
+        "codes": np.zeros((17, 3), np.int64),
+        "text_weight": np.ones(3, np.float32),
+        "relevance": np.ones(3, np.int64),
+        "image": 0,
+        "speech": False,
+    }
+    long = {
+        **s,
+        "codes": np.zeros((17, 5), np.int64),
+        "text_weight": np.ones(5, np.float32),
+        "relevance": np.ones(5, np.int64),
+    }
+    b = collate([s, long])
+    assert b.codes.shape == (2, 17, 5)
+    assert (b.codes[0, :, 3:] == ZERO_TOKEN).all()
+    assert (b.text_weight[0, 3:] == 0).all() and (b.relevance[0, 3:] == -1).all()
+    with pytest.raises(ValueError, match="empty"):
+        collate([])
