@@ -123,3 +123,54 @@ class Stage:
     def info(self) -> dict:
         """What the stamp recorded (timings, counts)."""
         return read_json(self.stamp)
+
+
+def save_run_checkpoint(
+    out: str | os.PathLike[str],
+    *,
+    step: int,
+    elapsed: float,
+    key: str,
+    optimizer: Any,
+    write_weights: Any,
+    prefix: str = "model",
+) -> None:
+    """One resumable checkpoint of a training run in ``out``.
+
+    Writes ``ckpt/{prefix}_{step}.safetensors`` (through ``write_weights(path)``, which must write
+    that file atomically) and ``ckpt/optim_{step}.pt`` (optimizer and torch RNG state, for
+    ``torch.load(weights_only=True)``), then points ``state.json`` at them (written last, so a
+    crash never leaves a half checkpoint in use) and deletes older checkpoint files.
+    """
+    import torch
+
+    out = Path(out)
+    ck = out / "ckpt"
+    ck.mkdir(parents=True, exist_ok=True)
+    weights, optim = f"{prefix}_{step:06d}.safetensors", f"optim_{step:06d}.pt"
+    write_weights(ck / weights)
+    with atomic_path(ck / optim) as tmp:
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp)
+    write_json(
+        out / "state.json",
+        {"key": key, "step": step, "elapsed_s": elapsed, "model": weights, "optim": optim},
+    )
+    for p in ck.glob("*_*.*"):
+        if p.name not in (weights, optim) and not p.name.startswith("."):
+            p.unlink(missing_ok=True)
+
+
+def keep_metrics_upto(path: str | os.PathLike[str], step: int) -> None:
+    """Drop JSONL metric lines logged after ``step`` (a resumed run will log them again)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write("".join(x + "\n" for x in keep))

@@ -205,14 +205,16 @@ def ablation_markdown(result: dict[str, Any]) -> str:
         lines += [
             "### Gating x sharing (test images; accuracy %)",
             "",
-            "| variant | trainable params | VQA text | VQA spoken | OCR text | OCR spoken | gate AUROC | paper OCR-VQA text / speech |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| variant | trainable params | VQA text | VQA spoken | OCR text | OCR spoken | gate AUROC "
+            "| audio NLL (unrelated image) | paper OCR-VQA text / speech |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in grid:
             paper = r["paper_ocr_vqa_text_speech"]
             lines.append(
                 f"| {r['name']} | {_int(r['trainable_parameters'])} | {_pct(r['text_vqa'])} | {_pct(r['spoken_vqa'])} | "
                 f"{_pct(r['text_ocr'])} | {_pct(r['spoken_ocr'])} | {_num(r['gate_auroc'])} | "
+                f"{_num(r['audio_nll_unrelated_image'])} | "
                 f"{paper[0]} / {paper[1]} |"
             )
         lines.append("")

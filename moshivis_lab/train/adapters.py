@@ -32,7 +32,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from moshivis_lab.artefacts import Stage, atomic_path, config_hash, read_json
+from moshivis_lab.artefacts import (
+    Stage,
+    atomic_path,
+    config_hash,
+    keep_metrics_upto,
+    read_json,
+    save_run_checkpoint,
+)
 from moshivis_lab.artefacts import write_json as _write_json
 from moshivis_lab.config import ZERO_TOKEN, LabConfig, XAConfig, _check
 from moshivis_lab.train.mix import Batch, MixConfig, MixedData, batch_for_step
@@ -46,7 +53,7 @@ _RUNTIME_FIELDS = ("minutes", "eval_interval", "ckpt_interval", "log_interval", 
 class TrainConfig:
     """Hyper-parameters of adapter training (validated on construction)."""
 
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-3
@@ -101,7 +108,7 @@ class TrainConfig:
 
     @classmethod
     def tiny(cls) -> TrainConfig:
-        """The tiny preset: 600 steps of 16 mixed samples, under 10 minutes on 2 CPU cores."""
+        """The tiny preset: 1200 steps of 16 mixed samples, under 10 minutes on 2 CPU cores."""
         return cls()
 
     @classmethod
@@ -311,22 +318,22 @@ def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
 def _save(
     out: Path, model: Any, opt: torch.optim.Optimizer, step: int, elapsed: float, key: str
 ) -> None:
+    """The step's adapter weights + optimizer, then ``state.json`` pointing at them."""
     from safetensors.torch import save_file
 
-    ck = out / "ckpt"
-    ck.mkdir(parents=True, exist_ok=True)
-    mname, oname = f"adapters_{step:06d}.safetensors", f"optim_{step:06d}.pt"
-    with atomic_path(ck / mname) as tmp:
-        save_file(_trainable_state(model), str(tmp))
-    with atomic_path(ck / oname) as tmp:
-        torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, tmp)
-    _write_json(
-        out / "state.json",
-        {"key": key, "step": step, "elapsed_s": elapsed, "model": mname, "optim": oname},
+    def write(path: Path) -> None:
+        with atomic_path(path) as tmp:
+            save_file(_trainable_state(model), str(tmp))
+
+    save_run_checkpoint(
+        out,
+        step=step,
+        elapsed=elapsed,
+        key=key,
+        optimizer=opt,
+        write_weights=write,
+        prefix="adapters",
     )
-    for p in ck.glob("*_*.*"):
-        if p.name not in (mname, oname) and not p.name.startswith("."):
-            p.unlink(missing_ok=True)
 
 
 def load_trainable(model: Any, path: Path) -> None:
@@ -365,12 +372,6 @@ def eval_loss(
         for k in LOSS_KEYS:
             sums[k] += float(parts[k])
     return {k: v / max(1, len(batches)) for k, v in sums.items()}
-
-
-def _keep_metrics_upto(path: Path, step: int) -> None:
-    from moshivis_lab.train.pretrain import _keep_metrics_upto as keep
-
-    keep(path, step)
 
 
 def train_adapters(
@@ -481,7 +482,7 @@ def _train_adapters(
         opt.load_state_dict(blob["optimizer"])
         torch.set_rng_state(blob["torch_rng"])
         step, elapsed_before = int(st["step"]), float(st["elapsed_s"])
-        _keep_metrics_upto(metrics_path, step)
+        keep_metrics_upto(metrics_path, step)
     elif metrics_path.exists():
         metrics_path.unlink()
     out.mkdir(parents=True, exist_ok=True)

@@ -33,8 +33,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moshivis_lab.artefacts import Stage, atomic_open, atomic_path, config_hash, read_json
-from moshivis_lab.artefacts import write_json as _write_json
+from moshivis_lab.artefacts import (
+    Stage,
+    config_hash,
+    keep_metrics_upto,
+    read_json,
+    save_run_checkpoint,
+)
 from moshivis_lab.config import ZERO_TOKEN, LabConfig, LMConfig, _check, _positive
 from moshivis_lab.model.checkpoint import load_moshi, load_weights, save_moshi
 from moshivis_lab.model.lm import MoshiLM
@@ -356,34 +361,15 @@ def _run_key(cfg: LabConfig, lm_cfg: LMConfig, tcfg: PretrainConfig) -> str:
 def _save_checkpoint(
     out: Path, model: MoshiLM, opt: torch.optim.Optimizer, step: int, elapsed: float, key: str
 ) -> None:
-    """Write the step's model + optimizer files, then point ``state.json`` at them; prune old."""
-    ck = out / "ckpt"
-    model_name, optim_name = f"model_{step:06d}.safetensors", f"optim_{step:06d}.pt"
-    save_moshi(model, ck / model_name)
-    with atomic_path(ck / optim_name) as tmp:
-        torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, tmp)
-    _write_json(
-        out / "state.json",
-        {"key": key, "step": step, "elapsed_s": elapsed, "model": model_name, "optim": optim_name},
+    """The step's model + optimizer files, then ``state.json`` pointing at them; older pruned."""
+    save_run_checkpoint(
+        out,
+        step=step,
+        elapsed=elapsed,
+        key=key,
+        optimizer=opt,
+        write_weights=lambda path: save_moshi(model, path),
     )
-    for p in ck.glob("*_*.*"):
-        if p.name not in (model_name, optim_name) and not p.name.startswith("."):
-            p.unlink(missing_ok=True)
-
-
-def _keep_metrics_upto(path: Path, step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        f.write("".join(x + "\n" for x in keep))
 
 
 def load_speech_lm(cfg: LabConfig) -> MoshiLM:
@@ -446,7 +432,7 @@ def pretrain_speech(
         opt.load_state_dict(blob["optimizer"])
         torch.set_rng_state(blob["torch_rng"])
         step, elapsed_before = int(st["step"]), float(st["elapsed_s"])
-        _keep_metrics_upto(metrics_path, step)
+        keep_metrics_upto(metrics_path, step)
     elif metrics_path.exists():
         metrics_path.unlink()
     out.mkdir(parents=True, exist_ok=True)

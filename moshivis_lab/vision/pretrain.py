@@ -58,7 +58,9 @@ from moshivis_lab.artefacts import (
     atomic_open,
     atomic_path,
     config_hash,
+    keep_metrics_upto,
     read_json,
+    save_run_checkpoint,
     sha256_file,
     write_json,
 )
@@ -617,35 +619,15 @@ def _save_checkpoint(
     out: Path, model: Any, opt: torch.optim.Optimizer, step: int, elapsed: float, key: str
 ) -> None:
     """Write the step's model + optimizer files, then point ``state.json`` at them; prune old."""
-    ck = out / "ckpt"
-    model_name, optim_name = f"model_{step:06d}.safetensors", f"optim_{step:06d}.pt"
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(ck / model_name) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    with atomic_path(ck / optim_name) as tmp:
-        torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, tmp)
-    write_json(
-        out / "state.json",
-        {"key": key, "step": step, "elapsed_s": elapsed, "model": model_name, "optim": optim_name},
+
+    def write(path: Path) -> None:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+
+    save_run_checkpoint(
+        out, step=step, elapsed=elapsed, key=key, optimizer=opt, write_weights=write
     )
-    for p in ck.glob("*_*.*"):
-        if p.name not in (model_name, optim_name) and not p.name.startswith("."):
-            p.unlink(missing_ok=True)
-
-
-def _keep_metrics_upto(path: Path, step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        f.write("".join(x + "\n" for x in keep))
 
 
 def save_siglip(model: Any, directory: Path) -> Path:
@@ -801,7 +783,7 @@ def _train(
         opt.load_state_dict(blob["optimizer"])
         torch.set_rng_state(blob["torch_rng"])
         step, elapsed_before = int(st["step"]), float(st["elapsed_s"])
-        _keep_metrics_upto(metrics_path, step)
+        keep_metrics_upto(metrics_path, step)
     elif metrics_path.exists():
         metrics_path.unlink()
     out.mkdir(parents=True, exist_ok=True)
