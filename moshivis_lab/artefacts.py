@@ -174,3 +174,13 @@ def keep_metrics_upto(path: str | os.PathLike[str], step: int) -> None:
             continue
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write("".join(x + "\n" for x in keep))
+
+
+# Trainer-config fields that do not change what is trained (left out of a run's identity key).
+RUNTIME_FIELDS = ("minutes", "eval_interval", "ckpt_interval", "log_interval", "threads")
+
+
+def trained_settings(tcfg: Any) -> dict[str, Any]:
+    """A trainer config (dataclass) as a dict without its ``RUNTIME_FIELDS``: the part of a
+    run's identity that decides what is trained, so a resume may change the rest."""
+    return {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in RUNTIME_FIELDS}

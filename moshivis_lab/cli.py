@@ -20,6 +20,14 @@ PresetOpt = Annotated[str, typer.Option("--preset", "-p", help=f"one of {sorted(
 DataDirOpt = Annotated[
     Path | None, typer.Option("--data-dir", help="artefact root (default: ./data)")
 ]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+StepsOpt = Annotated[int | None, typer.Option(help="training steps (default: preset)")]
+MinutesOpt = Annotated[
+    float | None, typer.Option(help="wall-clock budget of this invocation (default: preset)")
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="delete a run made with other settings")
+]
 
 
 @app.command()
@@ -28,7 +36,7 @@ def data(
     data_dir: DataDirOpt = None,
     workers: Annotated[int | None, typer.Option(help="processes (default: min(2, cpus))")] = None,
     stage: Annotated[list[str] | None, typer.Option("--stage", help="only these stages")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Build the offline data world, tokenizer, codec and token shards (resumable)."""
     from moshivis_lab.pipeline import DATA_STAGES, build_data
@@ -66,13 +74,11 @@ def info(preset_name: PresetOpt = "tiny", data_dir: DataDirOpt = None) -> None:
 def pretrain_speech_cmd(
     preset_name: PresetOpt = "tiny",
     data_dir: DataDirOpt = None,
-    steps: Annotated[int | None, typer.Option(help="training steps (default: preset)")] = None,
-    minutes: Annotated[
-        float | None, typer.Option(help="wall-clock training budget (default: preset)")
-    ] = None,
+    steps: StepsOpt = None,
+    minutes: MinutesOpt = None,
     n_dialogues: Annotated[int, typer.Option(help="held-out dialogues to question")] = 150,
     split: Annotated[str, typer.Option(help="held-out split to evaluate on")] = "val",
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Build missing data, pretrain the speech LM (resumable), evaluate it, print the report."""
     from moshivis_lab.pipeline import build_data
@@ -114,17 +120,13 @@ def train_cmd(
     preset_name: PresetOpt = "tiny",
     data_dir: DataDirOpt = None,
     run: Annotated[str, typer.Option(help="run name (a directory under adapters/)")] = "main",
-    steps: Annotated[int | None, typer.Option(help="training steps (default: preset)")] = None,
-    minutes: Annotated[
-        float | None, typer.Option(help="wall-clock budget of this invocation (default: preset)")
-    ] = None,
+    steps: StepsOpt = None,
+    minutes: MinutesOpt = None,
     p_audio: Annotated[
         float | None, typer.Option(help="share of speech samples (default: 0.25)")
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="delete a run made with other settings")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Build what is missing, then train the MoshiVis adapters in one stage (resumable)."""
     from moshivis_lab.train.adapters import ensure_pretrained, train_adapters
@@ -145,7 +147,7 @@ def eval_cmd(
     spoken_per_type: Annotated[
         int, typer.Option(help="spoken-prompt items per question type")
     ] = 24,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Evaluate trained adapters: tasks by text and speech, speech kept, gate AUROC."""
     from moshivis_lab.train.adapters import load_trained
@@ -171,7 +173,7 @@ def ablate_cmd(
     steps: Annotated[int | None, typer.Option(help="steps per variant (default: preset)")] = None,
     grid: Annotated[bool, typer.Option(help="run the gating x sharing grid")] = True,
     sweep: Annotated[bool, typer.Option(help="run the p_audio sweep")] = True,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Ablations at equal compute (gating x sharing, p_audio sweep); JSON + markdown tables."""
     from moshivis_lab.train.ablate import AblateConfig, run_ablations
@@ -196,17 +198,13 @@ def ablate_cmd(
 def pretrain_vision_cmd(
     preset_name: PresetOpt = "tiny",
     data_dir: DataDirOpt = None,
-    steps: Annotated[int | None, typer.Option(help="training steps (default: preset)")] = None,
-    minutes: Annotated[
-        float | None, typer.Option(help="wall-clock training budget (default: preset)")
-    ] = None,
+    steps: StepsOpt = None,
+    minutes: MinutesOpt = None,
     threads: Annotated[
         int | None, typer.Option(help="torch threads (default: preset; 1 on a busy machine)")
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="delete a run made with other settings")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Build missing data, pretrain the tiny SigLIP with the sigmoid loss on the world's
     image-caption pairs (resumable), freeze its vision tower, print the retrieval report."""

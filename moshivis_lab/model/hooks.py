@@ -199,3 +199,31 @@ def _as_predicate(model: nn.Module, names_filter: NameFilter) -> Callable[[str],
     """A predicate over names equivalent to ``names_filter`` (validating explicit names)."""
     picked = set(select_names(list(hook_points(model)), names_filter))
     return picked.__contains__
+
+
+class HookedModel:
+    """The hook API shared by ``MoshiLM`` and ``MoshiVis`` (mixed into an ``nn.Module``)."""
+
+    def hook_points(self) -> dict[str, HookPoint]:
+        """Every hook point by name, in forward order (see this module's docstring)."""
+        return hook_points(self)  # type: ignore[arg-type]
+
+    def hook_names(self) -> list[str]:
+        """All hook names, in forward order."""
+        return list(self.hook_points())
+
+    def hooks(
+        self, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]]
+    ) -> contextlib.AbstractContextManager[Any]:
+        """Context manager attaching ``(name_or_filter, fn)`` forward hooks; removed on exit."""
+        return hooks(self, fwd_hooks)  # type: ignore[arg-type]
+
+    def reset_hooks(self) -> None:
+        """Remove every hook from every hook point."""
+        reset_hooks(self)  # type: ignore[arg-type]
+
+    def run_with_cache(
+        self, codes: torch.Tensor, *args: Any, names_filter: NameFilter = None, **kwargs: Any
+    ) -> tuple[Any, ActivationCache]:
+        """Training forward returning ``(output, cache of detached hooked tensors)``."""
+        return run_with_cache(self, codes, *args, names_filter=names_filter, **kwargs)  # type: ignore[arg-type]

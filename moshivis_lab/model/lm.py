@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from torch import nn
 
 from moshivis_lab.config import ZERO_TOKEN, LMConfig
 from moshivis_lab.model import hooks as _hooks
-from moshivis_lab.model.hooks import ActivationCache, HookFn, HookPoint, NameFilter
+from moshivis_lab.model.hooks import HookPoint
 from moshivis_lab.model.layers import (
     KVCache,
     RMSNorm,
@@ -120,7 +120,7 @@ class StreamingState:
         return torch.stack(self.audio_logits_steps, dim=1)
 
 
-class MoshiLM(nn.Module):
+class MoshiLM(_hooks.HookedModel, nn.Module):
     """Moshi: temporal transformer over frames + depformer over codebooks, with hooks."""
 
     hook_aliases = {"transformer.": "temporal."}
@@ -568,30 +568,6 @@ class MoshiLM(nn.Module):
         return user_codes
 
     # ------------------------------------------------------------------ hooks
-
-    def hook_points(self) -> dict[str, HookPoint]:
-        """Every hook point by name (see ``moshivis_lab.model.hooks`` for the list)."""
-        return _hooks.hook_points(self)
-
-    def hook_names(self) -> list[str]:
-        """All hook names, in forward order."""
-        return list(self.hook_points())
-
-    def hooks(
-        self, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]]
-    ) -> contextlib.AbstractContextManager[MoshiLM]:
-        """Context manager attaching ``(name_or_filter, fn)`` forward hooks; removed on exit."""
-        return _hooks.hooks(self, fwd_hooks)
-
-    def reset_hooks(self) -> None:
-        """Remove every hook from every hook point."""
-        _hooks.reset_hooks(self)
-
-    def run_with_cache(
-        self, codes: torch.Tensor, names_filter: NameFilter = None, **kwargs: Any
-    ) -> tuple[LMOutput, ActivationCache]:
-        """Training forward returning ``(output, cache of detached hooked tensors)``."""
-        return _hooks.run_with_cache(self, codes, names_filter=names_filter, **kwargs)
 
 
 def _check_range(x: torch.Tensor, card: int, what: str) -> None:

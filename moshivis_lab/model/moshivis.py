@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,6 @@ from moshivis_lab.model.adapters import (
     check_override,
     select_layers,
 )
-from moshivis_lab.model.hooks import ActivationCache, HookFn, HookPoint, NameFilter
 from moshivis_lab.model.lm import LMOutput, MoshiLM, StreamingState
 
 
@@ -69,7 +68,7 @@ class MoshiVisOutput(LMOutput):
         return self.gates[:, -last:].mean(dim=1)
 
 
-class MoshiVis(nn.Module):
+class MoshiVis(_hooks.HookedModel, nn.Module):
     """A MoshiLM given sight: ``image_prefix``, shared cross-attention, per-layer adapters.
 
     ``lm``: an existing ``MoshiLM`` whose config equals ``cfg.lm`` (its layers receive the
@@ -340,30 +339,6 @@ class MoshiVis(nn.Module):
                 a.gate_override = b
 
     # ------------------------------------------------------------------ hooks
-
-    def hook_points(self) -> dict[str, HookPoint]:
-        """Every hook point by name (LM names plus the adapters', see the module docstring)."""
-        return _hooks.hook_points(self)
-
-    def hook_names(self) -> list[str]:
-        """All hook names, in forward order (image first, then the LM's)."""
-        return list(self.hook_points())
-
-    def hooks(
-        self, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]]
-    ) -> contextlib.AbstractContextManager[MoshiVis]:
-        """Context manager attaching ``(name_or_filter, fn)`` forward hooks; removed on exit."""
-        return _hooks.hooks(self, fwd_hooks)
-
-    def reset_hooks(self) -> None:
-        """Remove every hook from every hook point."""
-        _hooks.reset_hooks(self)
-
-    def run_with_cache(
-        self, codes: torch.Tensor, *args: Any, names_filter: NameFilter = None, **kwargs: Any
-    ) -> tuple[MoshiVisOutput, ActivationCache]:
-        """Training forward returning ``(output, cache of detached hooked tensors)``."""
-        return _hooks.run_with_cache(self, codes, *args, names_filter=names_filter, **kwargs)
 
 
 # ---------------------------------------------------------------------- training helpers

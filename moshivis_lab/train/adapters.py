@@ -39,6 +39,7 @@ from moshivis_lab.artefacts import (
     keep_metrics_upto,
     read_json,
     save_run_checkpoint,
+    trained_settings,
 )
 from moshivis_lab.artefacts import write_json as _write_json
 from moshivis_lab.config import ZERO_TOKEN, LabConfig, XAConfig, _check
@@ -46,7 +47,6 @@ from moshivis_lab.train.mix import Batch, MixConfig, MixedData, batch_for_step
 from moshivis_lab.train.pretrain import lr_at
 
 LOSS_KEYS = ("loss", "text_loss", "audio_loss", "speech_text_loss", "speechless_text_loss")
-_RUNTIME_FIELDS = ("minutes", "eval_interval", "ckpt_interval", "log_interval", "threads")
 
 
 @dataclass(frozen=True)
@@ -303,7 +303,7 @@ def _run_key(cfg: LabConfig, model: Any, tcfg: TrainConfig, lm_sha: str, encoder
     """What makes a run: data, LM, encoder weights, adapter config, hyper-parameters."""
     from moshivis_lab.train.image_tokens import encoder_key
 
-    trained = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in _RUNTIME_FIELDS}
+    trained = trained_settings(tcfg)
     xa = model.cfg.xa
     return config_hash(
         cfg.world, cfg.codec, cfg.tokenizer, xa, trained, lm_sha, encoder_key(encoder)

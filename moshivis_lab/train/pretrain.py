@@ -39,6 +39,7 @@ from moshivis_lab.artefacts import (
     keep_metrics_upto,
     read_json,
     save_run_checkpoint,
+    trained_settings,
 )
 from moshivis_lab.config import ZERO_TOKEN, LabConfig, LMConfig, _check, _positive
 from moshivis_lab.model.checkpoint import load_moshi, load_weights, save_moshi
@@ -46,8 +47,6 @@ from moshivis_lab.model.lm import MoshiLM
 from moshivis_lab.world.shards import ShardReader, load_split
 
 LOSS_KEYS = ("loss", "text_loss", "audio_loss", "semantic_loss", "acoustic_loss")
-# Fields that do not change what is trained (left out of the run's identity key).
-_RUNTIME_FIELDS = ("minutes", "eval_interval", "ckpt_interval", "log_interval", "threads")
 
 
 @dataclass(frozen=True)
@@ -354,7 +353,7 @@ def eval_loss(model: MoshiLM, batches: list[torch.Tensor]) -> dict[str, float]:
 
 
 def _run_key(cfg: LabConfig, lm_cfg: LMConfig, tcfg: PretrainConfig) -> str:
-    trained = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in _RUNTIME_FIELDS}
+    trained = trained_settings(tcfg)
     return config_hash(cfg.world, cfg.codec, cfg.tokenizer, lm_cfg, trained)
 
 

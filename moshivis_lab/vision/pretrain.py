@@ -62,6 +62,7 @@ from moshivis_lab.artefacts import (
     read_json,
     save_run_checkpoint,
     sha256_file,
+    trained_settings,
     write_json,
 )
 from moshivis_lab.config import TEXT_PAD_ID, LabConfig, _check, _positive
@@ -72,8 +73,6 @@ from moshivis_lab.vision.preprocess import normalise, open_image, pil_to_rgb, re
 EOS_ID = 2  # the world's SentencePiece model: unk/EPAD 0, bos 1, eos 2, pad 3
 STAGE_NAME = "pretrain_vision"
 EVAL_SPLITS = ("val", "heldout")
-# Fields that do not change what is trained (left out of the run's identity key).
-_RUNTIME_FIELDS = ("minutes", "eval_interval", "ckpt_interval", "log_interval", "threads")
 
 
 @dataclass(frozen=True)
@@ -611,7 +610,7 @@ def _word_probe(
 
 
 def _run_key(cfg: LabConfig, vcfg: VisionConfig, tcfg: VisionPretrainConfig, tok_sha: str) -> str:
-    trained = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in _RUNTIME_FIELDS}
+    trained = trained_settings(tcfg)
     return config_hash(cfg.world, cfg.tokenizer, vcfg, trained, tok_sha)
 
 
