@@ -172,6 +172,17 @@ class CodecConfig:
     kmeans_iters: int = 25
     seed: int = 0
     mimi_path: str | None = None
+    # Codebook 0, the "semantic" code. "phonetic" (default): a small phone classifier, fitted on
+    # TTS speech whose phonemes are known, reads each 20 ms point with the points before it; the
+    # frame's code is the k-means cluster of its phone posteriors (Mimi distils WavLM into its
+    # first codebook for the same reason: content first, speaker-independent). "kmeans": k-means
+    # of the frame's mean envelope (speaker-dependent; the original tiny codec).
+    semantic: str = "phonetic"
+    phone_classes: int = 96  # slots for the phone inventory (espeak's English uses ~70)
+    phone_context: int = 5  # earlier points the classifier sees (causal: no extra lookahead)
+    phone_hidden: int = 128
+    phone_sentences: int = 600  # labelled TTS sentences the classifier is fitted on
+    phone_epochs: int = 30
 
     def __post_init__(self) -> None:
         _check(
@@ -191,6 +202,22 @@ class CodecConfig:
             "subframes",
             "fit_seconds",
             "kmeans_iters",
+            "phone_classes",
+            "phone_hidden",
+            "phone_sentences",
+            "phone_epochs",
+        )
+        _check(
+            self.semantic in ("phonetic", "kmeans"),
+            "CodecConfig",
+            "semantic",
+            f"must be 'phonetic' or 'kmeans', got {self.semantic!r}",
+        )
+        _check(
+            self.phone_context >= 0,
+            "CodecConfig",
+            "phone_context",
+            f"must be >= 0, got {self.phone_context}",
         )
         _check(
             float(self.sample_rate / self.frame_rate).is_integer(),
@@ -436,7 +463,13 @@ class LabConfig:
         return cls(
             name="smoke",
             world=WorldConfig.smoke(),
-            codec=dataclasses.replace(CodecConfig.tiny(), fit_seconds=120.0, kmeans_iters=10),
+            codec=dataclasses.replace(
+                CodecConfig.tiny(),
+                fit_seconds=120.0,
+                kmeans_iters=10,
+                phone_sentences=150,
+                phone_epochs=15,
+            ),
             **kw,
         )
 

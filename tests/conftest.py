@@ -34,7 +34,10 @@ def smoke_world(tmp_path_factory: pytest.TempPathFactory):
     from moshivis_lab.pipeline import build_data
 
     cfg = LabConfig.smoke(tmp_path_factory.mktemp("smoke_world"))
-    cfg = cfg.replace(codec=dataclasses.replace(cfg.codec, fit_seconds=40.0, kmeans_iters=4))
+    codec = dataclasses.replace(
+        cfg.codec, fit_seconds=40.0, kmeans_iters=4, phone_sentences=60, phone_epochs=8
+    )
+    cfg = cfg.replace(codec=codec)
     build_data(cfg, progress=False)
     return cfg
 

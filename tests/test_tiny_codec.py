@@ -19,6 +19,9 @@ from moshivis_lab.audio.tiny_codec import (
     fit_on_utterances,
     fitting_sentences,
     fitting_speech,
+    fitting_utterances,
+    phone_accuracy,
+    point_phones,
 )
 from moshivis_lab.config import CodecConfig
 from moshivis_lab.world.speech import ASSISTANT_VOICE, USER_VOICES, synthesize
@@ -30,7 +33,7 @@ FIT_SENTENCES = 240  # ~10 minutes of speech over the 7 fitting voices
 @pytest.fixture(scope="module")
 def codec() -> TinyCodec:
     """A full-size tiny codec (8 x 256) fitted on the non-held-out voices."""
-    cfg = dataclasses.replace(CodecConfig.tiny(), kmeans_iters=15)
+    cfg = dataclasses.replace(CodecConfig.tiny(), kmeans_iters=15, phone_sentences=300)
     return TinyCodec.fit(fitting_speech(FIT_SENTENCES, seed=0), cfg, progress=False)
 
 
@@ -38,7 +41,14 @@ def codec() -> TinyCodec:
 def small_cfg() -> CodecConfig:
     """A small config (5 codebooks of 32) for quick fits."""
     return dataclasses.replace(
-        CodecConfig.tiny(), num_codebooks=5, cardinality=32, kmeans_iters=5, fit_seconds=30.0
+        CodecConfig.tiny(),
+        num_codebooks=5,
+        cardinality=32,
+        kmeans_iters=5,
+        fit_seconds=30.0,
+        phone_sentences=30,
+        phone_epochs=3,
+        phone_hidden=32,
     )
 
 
@@ -196,11 +206,16 @@ def test_save_load_round_trip(codec: TinyCodec, speech: np.ndarray, tmp_path) ->
 
 def test_fit_is_deterministic_and_validates(small_cfg: CodecConfig) -> None:
     wavs = fitting_speech(12, seed=3)
-    a = TinyCodec.fit(wavs, small_cfg, progress=False)
-    b = TinyCodec.fit(iter(wavs), small_cfg, progress=False)
+    # espeak-ng carries state from one utterance to the next within a process, so the labelled
+    # speech is synthesised once here (a fresh process replays the same sequence exactly).
+    labelled = fitting_utterances(small_cfg.phone_sentences, seed=0)
+    a = TinyCodec.fit(wavs, small_cfg, progress=False, labelled=labelled)
+    b = TinyCodec.fit(iter(wavs), small_cfg, progress=False, labelled=iter(labelled))
     for k in a.tables:
         np.testing.assert_array_equal(a.tables[k], b.tables[k])
-    c = TinyCodec.fit(wavs, dataclasses.replace(small_cfg, seed=1), progress=False)
+    c = TinyCodec.fit(
+        wavs, dataclasses.replace(small_cfg, seed=1), progress=False, labelled=labelled
+    )
     assert not np.array_equal(a.tables["semantic"], c.tables["semantic"])
     utts = [synthesize(s, ASSISTANT_VOICE) for s in fitting_sentences(4, seed=5)]
     d = fit_on_utterances(utts, small_cfg, progress=False)
@@ -248,3 +263,43 @@ def test_mcd_is_level_free_and_grows_with_damage(speech: np.ndarray) -> None:
     assert mel_cepstral_distortion(speech, 0.25 * speech, SR) < 1e-3
     noisy = speech + 0.01 * np.random.default_rng(0).standard_normal(speech.size)
     assert mel_cepstral_distortion(speech, noisy, SR) > 1.0
+
+
+def test_tts_records_phonemes_in_time_order() -> None:
+    u = synthesize("What colour is a polar bear?", USER_VOICES[0])
+    times = [t for t, _ in u.phonemes]
+    names = [n for _, n in u.phonemes]
+    assert times == sorted(times) and 0 <= times[0] and times[-1] <= u.duration
+    assert {"p", "b", "l"} <= set(names)  # polar bear
+    assert not any("'" in n or "," in n for n in names)  # stress marks removed
+    labels = point_phones(u, 10, 480)
+    assert len(labels) == 10 and labels[0] in names + ["_"]
+
+
+def test_phonetic_codebook_means_the_same_for_unseen_voices(codec: TinyCodec) -> None:
+    """Codebook 0 is phonetic: an unseen voice's frames get codes whose phone a known voice's
+    frames of the same sentences taught (far above chance, and above the k-means codebook)."""
+    texts = fitting_sentences(8, seed=11)
+    known = fitting_utterances(8, voices=(ASSISTANT_VOICE,), texts=texts)
+    unseen = fitting_utterances(8, voices=USER_VOICES[-2:], texts=texts)
+    acc = phone_accuracy(codec, unseen, reference=known)
+    assert len(codec.phone_inventory) > 30 and codec.phone_inventory[0] == "_"
+    assert acc["classifier"] > 0.35, acc
+    assert acc["code0"] > 3 * acc["chance"], acc
+    km = TinyCodec.fit(
+        [u.wav for u in fitting_utterances(60, seed=0)],
+        dataclasses.replace(codec.cfg, semantic="kmeans", kmeans_iters=10, fit_seconds=120.0),
+        progress=False,
+    )
+    base = phone_accuracy(km, unseen, reference=known)
+    assert acc["code0"] > base["code0"], (acc, base)
+    with pytest.raises(ValueError, match="phonetic"):
+        km.phone_posteriors(km.features(unseen[0].wav))
+
+
+def test_phonetic_fit_needs_phonemes(small_cfg: CodecConfig) -> None:
+    bare = [dataclasses.replace(u, phonemes=[]) for u in fitting_utterances(3, seed=1)]
+    with pytest.raises(ValueError, match="no phonemes"):
+        TinyCodec.fit([u.wav for u in bare], small_cfg, progress=False, labelled=bare)
+    with pytest.raises(ValueError, match="semantic"):
+        dataclasses.replace(small_cfg, semantic="words")

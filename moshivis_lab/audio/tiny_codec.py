@@ -6,7 +6,11 @@ smooth spectral envelope as mel-cepstra c1.. (librosa mel filterbank + scipy DCT
 The codebooks, like Mimi's, put a content-like "semantic" code first and acoustic detail after:
 
 ====  =====================================================================================
- 0    k-means of the frame's mean cepstral shape (no energy): the phone-like "semantic" code
+ 0    the "semantic" code: a small phone classifier (fitted on TTS speech with known phonemes)
+      reads each point's envelope with the ``phone_context`` points before it; the frame's code
+      is the k-means cluster of its points' phone posteriors (``semantic="phonetic"``, the
+      default: content first and speaker-independent, like Mimi's WavLM-distilled codebook).
+      ``semantic="kmeans"``: k-means of the frame's mean cepstral shape (speaker-dependent)
  1    frame mean log-F0, uniform on the log scale over [fmin, fmax]; code 0 means unvoiced
  2    k-means of the F0 contour inside the frame (deviation from code 1) + voicing pattern
  3    k-means of the energy contour (dB) inside the frame
@@ -47,7 +51,7 @@ from moshivis_lab.config import CodecConfig
 if TYPE_CHECKING:
     from moshivis_lab.world.speech import Utterance, Voice
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the phonetic semantic codebook
 CONFIG_FILE = "tiny_codec.json"
 TABLES_FILE = "tiny_codec.safetensors"
 
@@ -263,10 +267,120 @@ def _kmeans(x: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
     return km.cluster_centers_.astype(np.float64)
 
 
+def _phone_inputs(points: np.ndarray, history: np.ndarray | None, ctx: int) -> np.ndarray:
+    """``[P, (ctx + 1) * D]``: each point's envelope after the ``ctx`` envelopes before it."""
+    P, D = points.shape
+    prev = np.zeros((ctx, D)) if history is None else np.asarray(history, dtype=np.float64)
+    if prev.shape != (ctx, D):
+        raise ValueError(f"phone history must be [{ctx}, {D}], got {list(prev.shape)}")
+    x = np.concatenate([prev, points])
+    return np.concatenate([x[i : i + P] for i in range(ctx + 1)], axis=1)
+
+
+def _phone_mlp(tables: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Phone posteriors ``[P, phone_classes]`` of classifier inputs (numpy, float64)."""
+    norm = tables["phone_norm"]
+    h = (x - norm[0]) / norm[1]
+    h = np.maximum(h @ tables["phone_w1"] + tables["phone_b1"], 0.0)
+    h = np.maximum(h @ tables["phone_w2"] + tables["phone_b2"], 0.0)
+    z = h @ tables["phone_w3"] + tables["phone_b3"]
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+PHONE_SILENCE = "_"  # the label of silent points and pauses
+
+
+def point_phones(utt: Utterance, n_points: int, point_samples: int) -> list[str]:
+    """The phoneme under each analysis point of a TTS utterance (points end every 20 ms)."""
+    if not getattr(utt, "phonemes", None):
+        raise ValueError(
+            f"utterance {utt.text[:40]!r} carries no phonemes: synthesize it with "
+            "world.speech.synthesize (which records them) to fit a phonetic codec"
+        )
+    starts = np.array([round(t * utt.sample_rate) for t, _ in utt.phonemes])
+    names = [n if n and not n.startswith("_") else PHONE_SILENCE for _, n in utt.phonemes]
+    at = (np.arange(n_points) + 1) * point_samples
+    idx = np.searchsorted(starts, at, side="right") - 1
+    return [names[i] if i >= 0 else PHONE_SILENCE for i in idx]
+
+
+def _fit_phone_classifier(
+    probe: TinyCodec, labelled: list[Utterance], cfg: CodecConfig, progress: bool
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Fit the point-wise phone classifier (a 2-hidden-layer ReLU MLP, trained with torch)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if not labelled:
+        raise ValueError("a phonetic codec needs labelled speech (utterances with phonemes)")
+    xs, labels = [], []
+    point = cfg.frame_size // cfg.subframes
+    for u in tqdm(labelled, desc="tiny codec: phone labels", disable=not progress):
+        wav = prepare_input(u.wav, int(u.sample_rate), cfg.sample_rate)
+        f = probe.features(wav)
+        T, S, D = f.shape.shape
+        lab = np.array(point_phones(u, T * S, point), dtype=object)
+        lab[f.silent.reshape(-1)] = PHONE_SILENCE
+        xs.append(_phone_inputs(f.shape.reshape(T * S, D), None, cfg.phone_context))
+        labels += list(lab)
+    inventory = [PHONE_SILENCE] + sorted(set(labels) - {PHONE_SILENCE})
+    if len(inventory) > cfg.phone_classes:
+        raise ValueError(
+            f"the labelled speech has {len(inventory)} phones but phone_classes="
+            f"{cfg.phone_classes}; raise CodecConfig.phone_classes"
+        )
+    index = {p: i for i, p in enumerate(inventory)}
+    x = np.concatenate(xs)
+    y = np.array([index[p] for p in labels])
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    gen = torch.Generator().manual_seed(cfg.seed)
+    H, P = cfg.phone_hidden, cfg.phone_classes
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(x.shape[1], H),
+            torch.nn.ReLU(),
+            torch.nn.Linear(H, H),
+            torch.nn.ReLU(),
+            torch.nn.Linear(H, P),
+        ).double()
+    xt = torch.from_numpy((x - mu) / sd)
+    yt = torch.from_numpy(y)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-2)
+    bar = tqdm(range(cfg.phone_epochs), desc="tiny codec: phone classifier", disable=not progress)
+    for _ in bar:
+        perm = torch.randperm(len(xt), generator=gen)
+        for i in range(0, len(xt), 512):
+            b = perm[i : i + 512]
+            loss = torch.nn.functional.cross_entropy(net(xt[b]), yt[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    w = [m for m in net if isinstance(m, torch.nn.Linear)]
+    b3 = w[2].bias.detach().numpy().copy()
+    b3[len(inventory) :] = -1e4  # unused slots are never predicted
+    return {
+        "phone_norm": np.stack([mu, sd]),
+        "phone_w1": w[0].weight.detach().numpy().T.copy(),
+        "phone_b1": w[0].bias.detach().numpy().copy(),
+        "phone_w2": w[1].weight.detach().numpy().T.copy(),
+        "phone_b2": w[1].bias.detach().numpy().copy(),
+        "phone_w3": w[2].weight.detach().numpy().T.copy(),
+        "phone_b3": b3,
+    }, inventory
+
+
 class TinyCodec:
     """The fitted tiny vocoder codec (see the module docstring for the codebooks)."""
 
-    def __init__(self, cfg: CodecConfig, tables: dict[str, np.ndarray]) -> None:
+    def __init__(
+        self,
+        cfg: CodecConfig,
+        tables: dict[str, np.ndarray],
+        phone_inventory: Sequence[str] = (),
+    ) -> None:
         if cfg.kind != "tiny":
             raise ValueError(f"TinyCodec needs CodecConfig(kind='tiny'), got kind={cfg.kind!r}")
         self.cfg = cfg
@@ -277,6 +391,7 @@ class TinyCodec:
         self.cardinality = cfg.cardinality
         self.subframes = cfg.subframes
         self.tables = {k: np.asarray(v, dtype=np.float64) for k, v in tables.items()}
+        self.phone_inventory = list(phone_inventory)  # phone name of each classifier output
         self._check_tables()
         self._an = _Analyzer(cfg)
         self._syn = _Synth(cfg, self._an)
@@ -288,12 +403,25 @@ class TinyCodec:
     def table_shapes(cfg: CodecConfig) -> dict[str, tuple[int, ...]]:
         """The array shapes a fitted codec with ``cfg`` holds."""
         C, S, D = cfg.cardinality, cfg.subframes, cfg.n_cepstra - 1
-        return {
+        shapes = {
             "semantic": (C, D),
             "contour": (C, 2 * S),
             "energy": (C, S),
             "residual": (cfg.num_codebooks - 4, C, S * D),
         }
+        if cfg.semantic == "phonetic":
+            n_in, H, P = (cfg.phone_context + 1) * D, cfg.phone_hidden, cfg.phone_classes
+            shapes |= {
+                "phone_norm": (2, n_in),
+                "phone_w1": (n_in, H),
+                "phone_b1": (H,),
+                "phone_w2": (H, H),
+                "phone_b2": (H,),
+                "phone_w3": (H, P),
+                "phone_b3": (P,),
+                "phone_post": (C, S * P),
+            }
+        return shapes
 
     def _check_tables(self) -> None:
         want = self.table_shapes(self.cfg)
@@ -302,15 +430,35 @@ class TinyCodec:
             raise ValueError(f"tiny codec tables {got} do not match the config, which needs {want}")
 
     # ----- quantisation -----
-    def quantise(self, f: Features) -> np.ndarray:
-        """Codes ``[K, T]`` of analysed features."""
+    def phone_posteriors(self, f: Features, history: np.ndarray | None = None) -> np.ndarray:
+        """Phone posteriors ``[T, subframes, phone_classes]`` of each point (phonetic codec only).
+
+        ``history``: the envelopes ``[phone_context, D]`` of the points before ``f`` (zeros, i.e.
+        silence, at the start of a signal); the streaming encoder passes its last points.
+        """
+        if self.cfg.semantic != "phonetic":
+            raise ValueError("phone_posteriors needs a codec fitted with semantic='phonetic'")
+        T, S, D = f.shape.shape
+        x = _phone_inputs(f.shape.reshape(T * S, D), history, self.cfg.phone_context)
+        return _phone_mlp(self.tables, x).reshape(T, S, -1)
+
+    def _semantic_codes(self, f: Features, history: np.ndarray | None) -> np.ndarray:
+        t = self.tables
+        if self.cfg.semantic == "kmeans":
+            return _nearest(_mean_shape(f), t["semantic"])
+        T = f.energy.shape[0]
+        post = self.phone_posteriors(f, history).reshape(T, -1)
+        code = 1 + _nearest(post, t["phone_post"][1:])
+        return np.where((~f.silent).any(-1), code, 0)  # code 0: a wholly silent frame
+
+    def quantise(self, f: Features, history: np.ndarray | None = None) -> np.ndarray:
+        """Codes ``[K, T]`` of analysed features (``history``: see ``phone_posteriors``)."""
         t = self.tables
         T, S = f.energy.shape
         live = ~f.silent
         voiced = f.voiced
-        mean_shape = _mean_shape(f)
         codes = np.zeros((self.num_codebooks, T), dtype=np.int64)
-        codes[0] = _nearest(mean_shape, t["semantic"])
+        codes[0] = self._semantic_codes(f, history)
         codes[1], feat = _pitch_targets(f, self._f0_levels)
         dist = (t["contour"] ** 2).sum(-1)[None] - 2.0 * feat @ t["contour"].T
         mismatch = (voiced[:, None, :] != self._contour_pattern[None]).sum(-1)
@@ -379,8 +527,14 @@ class TinyCodec:
         cfg: CodecConfig | None = None,
         progress: bool = True,
         sample_rate: int | None = None,
+        labelled: Iterable[Utterance] | None = None,
     ) -> TinyCodec:
-        """Fit the codebooks on speech (mono arrays at ``sample_rate``), up to ``cfg.fit_seconds``."""
+        """Fit the codebooks on speech (mono arrays at ``sample_rate``), up to ``cfg.fit_seconds``.
+
+        A phonetic codec (``cfg.semantic == "phonetic"``) also needs speech whose phonemes are
+        known: ``labelled`` TTS utterances (``world.speech.synthesize`` records them), by default
+        ``cfg.phone_sentences`` sentences of ``fitting_utterances``.
+        """
         from tqdm.auto import tqdm
 
         cfg = cfg or CodecConfig.tiny()
@@ -407,11 +561,19 @@ class TinyCodec:
                 for n in ("logf0", "voicing", "energy", "shape")
             )
         )
-        tables = cls._fit_tables(f, cfg, progress)
-        return cls(cfg, tables)
+        phone_tables: dict[str, np.ndarray] = {}
+        inventory: list[str] = []
+        if cfg.semantic == "phonetic":
+            if labelled is None:
+                labelled = fitting_utterances(cfg.phone_sentences, seed=cfg.seed)
+            phone_tables, inventory = _fit_phone_classifier(probe, list(labelled), cfg, progress)
+        tables = cls._fit_tables(f, cfg, progress, phone_tables)
+        return cls(cfg, tables, phone_inventory=inventory)
 
     @staticmethod
-    def _fit_tables(f: Features, cfg: CodecConfig, progress: bool) -> dict[str, np.ndarray]:
+    def _fit_tables(
+        f: Features, cfg: CodecConfig, progress: bool, phone_tables: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
         from tqdm.auto import tqdm
 
         C, S = cfg.cardinality, cfg.subframes
@@ -424,7 +586,22 @@ class TinyCodec:
         steps = tqdm(total=cfg.num_codebooks - 1, desc="tiny codec: k-means", disable=not progress)
         mean_shape = _mean_shape(f)
         semantic = np.zeros((C, D))
-        semantic[1:] = _kmeans(mean_shape[keep], C - 1, cfg.kmeans_iters, rng_seed)
+        tables: dict[str, np.ndarray] = dict(phone_tables)
+        if cfg.semantic == "kmeans":
+            semantic[1:] = _kmeans(mean_shape[keep], C - 1, cfg.kmeans_iters, rng_seed)
+            sem_code = _nearest(mean_shape[keep], semantic)
+        else:  # cluster the phone posteriors; each code's envelope is its frames' mean
+            T, S_, _ = f.shape.shape
+            x = _phone_inputs(f.shape.reshape(T * S_, D), None, cfg.phone_context)
+            post = _phone_mlp(phone_tables, x).reshape(T, -1)[keep]
+            centres = np.zeros((C, post.shape[1]))
+            centres[1:] = _kmeans(post, C - 1, cfg.kmeans_iters, rng_seed)
+            tables["phone_post"] = centres
+            sem_code = 1 + _nearest(post, centres[1:])
+            counts = np.bincount(sem_code, minlength=C)
+            sums = np.zeros((C, D))
+            np.add.at(sums, sem_code, mean_shape[keep])
+            semantic[1:] = sums[1:] / np.maximum(counts[1:, None], 1)
         steps.update()
         # F0 contour + voicing pattern, relative to the quantised frame mean.
         f0_code, feat = _pitch_targets(f, _f0_levels(cfg))
@@ -435,8 +612,7 @@ class TinyCodec:
         e = _kmeans(f.energy[keep], C - 1, cfg.kmeans_iters, rng_seed + 2)
         energy[1:] = e[np.argsort(e.mean(-1), kind="stable")]  # code order = loudness order
         steps.update()
-        tables: dict[str, np.ndarray] = {"semantic": semantic, "contour": contour, "energy": energy}
-        sem_code = _nearest(mean_shape[keep], semantic)
+        tables |= {"semantic": semantic, "contour": contour, "energy": energy}
         resid = np.where(live[keep][..., None], f.shape[keep] - semantic[sem_code][:, None], 0.0)
         resid = resid.reshape(len(resid), S * D)
         stages = np.zeros((cfg.num_codebooks - 4, C, S * D))
@@ -461,6 +637,7 @@ class TinyCodec:
             "dsp": _dsp_constants(),
             "table_shapes": {k: list(v.shape) for k, v in self.tables.items()},
             "tables_sha256": sha256_file(d / TABLES_FILE),
+            "phones": self.phone_inventory,
         }
         with atomic_path(d / CONFIG_FILE) as tmp:
             tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -504,7 +681,7 @@ class TinyCodec:
         if meta.get("dsp") != _dsp_constants():
             raise ValueError(f"{d}: fitted with other DSP settings {meta.get('dsp')}; refit it")
         tables = load_file(str(tab_path))
-        return cls(saved, tables)
+        return cls(saved, tables, phone_inventory=meta.get("phones", []))
 
 
 def _dsp_constants() -> dict[str, Any]:
@@ -714,6 +891,7 @@ class TinyStreamingEncoder:
             )
         self._buf = np.zeros(an.pad_left)  # left context of frame 0 is zeros, as in batch
         self._done = 0  # frames emitted
+        self._history: np.ndarray | None = None  # envelopes of the last points (phone context)
         self._received = 0  # samples (at the codec rate) received
         self._flushed = False
 
@@ -751,7 +929,13 @@ class TinyStreamingEncoder:
         xp = self._buf[:need]
         if xp.size < need:
             xp = np.concatenate([xp, np.zeros(need - xp.size)])
-        codes = codec.quantise(an.features(xp, n))
+        feats = an.features(xp, n)
+        codes = codec.quantise(feats, self._history)
+        ctx = codec.cfg.phone_context
+        if ctx:
+            pts = feats.shape.reshape(-1, feats.shape.shape[-1])
+            prev = self._history if self._history is not None else np.zeros((ctx, pts.shape[1]))
+            self._history = np.concatenate([prev, pts])[-ctx:]
         self._buf = self._buf[n * F :]
         self._done += n
         return codes
@@ -840,6 +1024,84 @@ def fitting_speech(
     ]
 
 
+def _frame_phones(
+    codec: TinyCodec, utterances: Sequence[Utterance]
+) -> tuple[list[int], list[str], int, int]:
+    """Codebook-0 code and majority phone of each speaking frame; classifier hits and points."""
+    point = codec.frame_size // codec.subframes
+    phonetic = codec.cfg.semantic == "phonetic"
+    names = np.array(codec.phone_inventory + ["?"] * codec.cfg.phone_classes, dtype=object)
+    hits, n_pts, frame_codes, frame_phones = 0, 0, [], []
+    for u in utterances:
+        f = codec.features(u.wav, int(u.sample_rate))
+        T, S, _ = f.shape.shape
+        lab = np.array(point_phones(u, T * S, point), dtype=object).reshape(T, S)
+        lab[f.silent] = PHONE_SILENCE
+        speaking = lab != PHONE_SILENCE
+        n_pts += int(speaking.sum())
+        if phonetic:
+            pred = codec.phone_posteriors(f).argmax(-1)
+            hits += int((names[pred][speaking] == lab[speaking]).sum())
+        codes = codec.quantise(f)[0]
+        for t in range(T):
+            ph = [p for p in lab[t] if p != PHONE_SILENCE]
+            if ph:
+                frame_codes.append(int(codes[t]))
+                frame_phones.append(max(sorted(set(ph)), key=ph.count))
+    return frame_codes, frame_phones, hits, n_pts
+
+
+def phone_accuracy(
+    codec: TinyCodec,
+    utterances: Sequence[Utterance],
+    reference: Sequence[Utterance] | None = None,
+) -> dict[str, float]:
+    """How phonetic codebook 0 is, on TTS utterances whose phonemes are known.
+
+    ``classifier`` (phonetic codecs): share of speaking points whose most likely phone is right.
+    ``code0``: share of speaking frames whose majority phone is the one their code stands for,
+    each code standing for its most frequent phone in ``reference`` (e.g. the same sentences
+    by a training voice, so that this measures whether an unseen voice's sounds get the codes
+    a known voice's get) or, without it, in ``utterances`` themselves (the codes' purity).
+    ``chance``: always answering the commonest phone.
+    """
+    codes, phones, hits, n_pts = _frame_phones(codec, utterances)
+    if not n_pts:
+        raise ValueError("phone_accuracy: the utterances hold no speech")
+    ref_codes, ref_phones = (
+        (codes, phones) if reference is None else _frame_phones(codec, reference)[:2]
+    )
+    by_code: dict[int, list[str]] = {}
+    for c, p in zip(ref_codes, ref_phones, strict=True):
+        by_code.setdefault(c, []).append(p)
+    meaning = {c: max(sorted(set(ps)), key=ps.count) for c, ps in by_code.items()}
+    commonest = max(sorted(set(phones)), key=phones.count)
+    right = sum(meaning.get(c) == p for c, p in zip(codes, phones, strict=True))
+    return {
+        "classifier": round(hits / n_pts, 4) if codec.cfg.semantic == "phonetic" else float("nan"),
+        "code0": round(right / len(phones), 4),
+        "chance": round(phones.count(commonest) / len(phones), 4),
+    }
+
+
+def fitting_utterances(
+    n_sentences: int,
+    voices: Sequence[Voice] | None = None,
+    seed: int = 0,
+    texts: Sequence[str] | None = None,
+) -> list[Utterance]:
+    """TTS utterances (with words and phonemes) of ``texts`` or ``fitting_sentences``.
+
+    Voices go round-robin; by default the assistant's and the non-held-out user voices.
+    """
+    from moshivis_lab.world.speech import ASSISTANT_VOICE, USER_VOICES, synthesize
+
+    if voices is None:
+        voices = (ASSISTANT_VOICE, *USER_VOICES[:-2])
+    sents = list(texts)[:n_sentences] if texts is not None else fitting_sentences(n_sentences, seed)
+    return [synthesize(s, voices[i % len(voices)]) for i, s in enumerate(sents)]
+
+
 def fit_on_utterances(
     utterances: Iterable[Utterance | np.ndarray],
     cfg: CodecConfig | None = None,
@@ -847,6 +1109,8 @@ def fit_on_utterances(
 ) -> TinyCodec:
     """Fit a tiny codec on ``world.speech.Utterance`` objects (or plain 24 kHz arrays)."""
     cfg = cfg or CodecConfig.tiny()
+
+    utterances = list(utterances)
 
     def wavs() -> Iterable[np.ndarray]:
         for u in utterances:
@@ -857,4 +1121,5 @@ def fit_on_utterances(
             else:
                 yield np.asarray(u)
 
-    return TinyCodec.fit(wavs(), cfg, progress=progress)
+    labelled = [u for u in utterances if getattr(u, "phonemes", None)]
+    return TinyCodec.fit(wavs(), cfg, progress=progress, labelled=labelled or None)

@@ -26,9 +26,11 @@ SAMPLE_RATE = 24000
 
 # espeak-ng enums (speak_lib.h)
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
+_INITIALIZE_PHONEME_EVENTS = 0x0001
 _INITIALIZE_DONT_EXIT = 0x8000
 _EVENT_LIST_TERMINATED = 0
 _EVENT_WORD = 1
+_EVENT_PHONEME = 7
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
 _PARAM_RATE, _PARAM_VOLUME, _PARAM_PITCH, _PARAM_RANGE = 1, 2, 3, 4
@@ -87,6 +89,24 @@ USER_VOICES: tuple[Voice, ...] = (
 )
 
 
+# Voices only the tiny codec's phone classifier hears (with the training voices), for speaker
+# variety: none is a world voice, so the held-out user voices stay unheard.
+CODEC_FIT_VOICES = (
+    Voice("fit_m4", "en+m4", pitch=45, rate=165, range=55),
+    Voice("fit_m5", "en-us+m5", pitch=38, rate=175, range=60),
+    Voice("fit_m6", "en+m6", pitch=52, rate=150, range=45),
+    Voice("fit_f4", "en-us+f4", pitch=68, rate=160, range=65),
+    Voice("fit_f3", "en+f3", pitch=60, rate=180, range=50),
+    Voice("fit_m4c", "en-029+m4", pitch=42, rate=170, range=70),
+    Voice("fit_f1", "en-us+f1", pitch=72, rate=155, range=40),
+    Voice("fit_m3", "en+m3", pitch=33, rate=165, range=60),
+    Voice("fit_f1rp", "en-gb-x-rp+f1", pitch=64, rate=170, range=55),
+    Voice("fit_m1", "en-us+m1", pitch=50, rate=185, range=50),
+    Voice("fit_klatt", "en+klatt", pitch=55, rate=160, range=50),
+    Voice("fit_f2", "en-us+f2", pitch=80, rate=165, range=60),
+)
+
+
 def user_voices(n: int) -> tuple[Voice, ...]:
     """The first ``n`` user voices (at most ``len(USER_VOICES)``)."""
     if not 1 <= n <= len(USER_VOICES):
@@ -112,6 +132,9 @@ class Utterance:
     wav: np.ndarray
     words: list[Word] = field(default_factory=list)
     sample_rate: int = SAMPLE_RATE
+    # The synthesizer's phonemes: (start in seconds, espeak mnemonic with stress marks removed);
+    # each lasts until the next one starts. The tiny codec's phonetic codebook is fitted on them.
+    phonemes: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def duration(self) -> float:
@@ -132,12 +155,18 @@ class _Engine:
         self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
         data = espeakng_loader.get_data_path().encode()
         self.native_rate = int(
-            self.lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data, _INITIALIZE_DONT_EXIT)
+            self.lib.espeak_Initialize(
+                _AUDIO_OUTPUT_SYNCHRONOUS,
+                0,
+                data,
+                _INITIALIZE_DONT_EXIT | _INITIALIZE_PHONEME_EVENTS,
+            )
         )
         if self.native_rate <= 0:
             raise RuntimeError(f"espeak-ng failed to initialise (data path {data!r})")
         self._chunks: list[np.ndarray] = []
         self._events: list[tuple[int, int, int]] = []
+        self._phonemes: list[tuple[int, str]] = []
         self._cb = _Callback(self._on_audio)  # keep a reference: ctypes must not collect it
         self.lib.espeak_SetSynthCallback(self._cb)
         self.lock = threading.Lock()
@@ -155,6 +184,9 @@ class _Engine:
             e = events[i]
             if e.type == _EVENT_WORD:
                 self._events.append((e.text_position, e.length, e.sample))
+            elif e.type == _EVENT_PHONEME:
+                name = bytes(e.id).split(b"\0")[0].decode("latin-1")
+                self._phonemes.append((e.sample, name))
             i += 1
         return 0
 
@@ -169,10 +201,12 @@ class _Engine:
         self.lib.espeak_SetParameter(_PARAM_VOLUME, 100, 0)
         self._voice = voice
 
-    def synth(self, text: str, voice: Voice) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    def synth(
+        self, text: str, voice: Voice
+    ) -> tuple[np.ndarray, list[tuple[int, int, int]], list[tuple[int, str]]]:
         with self.lock:
             self.set_voice(voice)
-            self._chunks, self._events = [], []
+            self._chunks, self._events, self._phonemes = [], [], []
             b = text.encode("utf-8")
             seed = zlib.crc32(voice.espeak.encode() + b"\0" + b)
             self.lib.espeak_ng_SetRandSeed(seed)
@@ -184,7 +218,7 @@ class _Engine:
             if err != 0:
                 raise RuntimeError(f"espeak-ng failed (error {err}) on {text!r}")
             pcm = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
-            return pcm, list(self._events)
+            return pcm, list(self._events), list(self._phonemes)
 
 
 _ENGINE: _Engine | None = None
@@ -229,7 +263,7 @@ def synthesize(
     if not text:
         raise ValueError("text is empty: there is nothing to speak")
     eng = _engine()
-    pcm, events = eng.synth(text, voice)
+    pcm, events, phone_events = eng.synth(text, voice)
     native = eng.native_rate
     wav = resample(pcm.astype(np.float32) / 32768.0, native, sample_rate)
     spans = _word_spans(text)
@@ -253,4 +287,16 @@ def synthesize(
     if words:  # drop the synthesizer's trailing silence, keep a 50 ms tail
         wav = wav[: min(len(wav), int((words[-1].end + 0.05) * sample_rate))]
     wav = np.clip(wav, -1.0, 1.0)  # a few voices overshoot full scale by < 1 % after resampling
-    return Utterance(text=text, voice=voice.name, wav=wav, words=words, sample_rate=sample_rate)
+    phonemes = [
+        (round(sample * ratio / sample_rate, 4), name.replace("'", "").replace(",", "") or "_")
+        for sample, name in phone_events
+        if sample * ratio < len(wav)
+    ]
+    return Utterance(
+        text=text,
+        voice=voice.name,
+        wav=wav,
+        words=words,
+        sample_rate=sample_rate,
+        phonemes=phonemes,
+    )
