@@ -25,6 +25,7 @@ except Exception as e:  # noqa: BLE001 - any import failure means: no reference 
 
 from moshivis_lab.config import LMConfig
 from moshivis_lab.model import MoshiLM, count_parameters, load_moshi, save_moshi
+from moshivis_lab.model.checkpoint import moshi_lm_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,43 +33,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = 1e-4
 
 
-def moshi_kwargs(cfg: LMConfig) -> dict:
-    """LMModel kwargs with the same architecture as ``cfg`` (moshi's released settings)."""
-    return dict(
-        delays=list(cfg.delays),
-        n_q=cfg.n_q,
-        dep_q=cfg.dep_q,
-        card=cfg.card,
-        text_card=cfg.text_card,
-        existing_text_padding_id=cfg.existing_text_padding_id,
-        dim=cfg.dim,
-        num_heads=cfg.num_heads,
-        num_layers=cfg.num_layers,
-        hidden_scale=cfg.hidden_scale,
-        causal=True,
-        layer_scale=None,
-        context=cfg.context,
-        max_period=cfg.max_period,
-        gating="silu",
-        norm="rms_norm_f32",
-        positional_embedding="rope",
-        depformer_dim=cfg.depformer_dim,
-        depformer_dim_feedforward=cfg.depformer_dim_feedforward,
-        depformer_num_heads=cfg.depformer_num_heads,
-        depformer_num_layers=cfg.depformer_num_layers,
-        depformer_layer_scale=None,
-        depformer_multi_linear=cfg.depformer_multi_linear,
-        depformer_context=cfg.depformer_context,
-        depformer_max_period=cfg.max_period,
-        depformer_gating="silu",
-        depformer_pos_emb="none",
-        depformer_weights_per_step=cfg.depformer_weights_per_step,
-    )
-
-
 def pair(cfg: LMConfig, seed: int = 0) -> tuple[LMModel, MoshiLM]:
     torch.manual_seed(seed)
-    ref = LMModel(**moshi_kwargs(cfg)).eval()
+    ref = LMModel(**moshi_lm_kwargs(cfg)).eval()
     with torch.no_grad():  # moshi leaves some weights at PyTorch defaults; make all non-trivial
         for p in ref.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -166,7 +133,7 @@ def test_moshi_reads_our_checkpoint_and_we_read_theirs(tmp_path) -> None:
     codes = random_codes(cfg, 1, 12)
     path = save_moshi(ours, tmp_path / "model.safetensors")
     theirs = moshi_loaders.get_moshi_lm(
-        path, lm_kwargs=moshi_kwargs(cfg), device="cpu", dtype=torch.float32
+        path, lm_kwargs=moshi_lm_kwargs(cfg), device="cpu", dtype=torch.float32
     ).eval()
     with torch.no_grad():
         a, b = theirs(codes), ours(codes)
@@ -187,7 +154,9 @@ def test_7b_parameter_count_and_names_on_meta() -> None:
     ref_count = sum(p.numel() for p in ref.parameters())
     cfg = LMConfig.moshi_7b()
     assert count_parameters(cfg) == ref_count == 7_687_729_152
-    assert moshi_kwargs(cfg) | kwargs == moshi_kwargs(cfg)  # our mirror of the released kwargs
+    assert moshi_lm_kwargs(cfg) | kwargs == moshi_lm_kwargs(
+        cfg
+    )  # our mirror of the released kwargs
     with torch.device("meta"):
         ours = MoshiLM(cfg)
     theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}

@@ -20,7 +20,13 @@ from moshivis_lab.train.vis_eval import caption_f1, chance_levels, reply_correct
 
 
 def test_train_config_validates():
-    for bad in ({"steps": 0}, {"lr": 0}, {"grad_accum": 0}, {"lora_rank": -1}):
+    for bad in (
+        {"steps": 0},
+        {"lr": 0},
+        {"grad_accum": 0},
+        {"lora_rank": -1},
+        {"gate_lr_scale": 0},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad)
     with pytest.raises(ValueError, match="warmup_steps"):

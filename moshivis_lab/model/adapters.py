@@ -124,7 +124,10 @@ class XACall:
 
     ``start``: model steps before this one get no update (training forward); ``active``: whether
     this streaming step is past ``xa_start``; ``eager``: take the explicit-softmax attention path.
-    Each adapter writes its channel-mean gate ``[B, T]`` into ``gates[layer]``.
+    Each adapter writes its channel-mean gate ``[B, T]`` into ``gates[layer]``; with
+    ``lazy_gates`` it leaves its full gate ``[B, T, dim]`` in ``gate_values[layer]`` instead, for
+    the caller to average only if asked (streaming: ``MoshiVis.last_gates``). ``checked``: the
+    caller has validated ``image_kv`` against the model, the adapters need not again.
     """
 
     image_kv: ImageKV
@@ -132,6 +135,19 @@ class XACall:
     active: bool = True
     eager: bool = False
     gates: dict[int, torch.Tensor] = field(default_factory=dict)
+    lazy_gates: bool = False
+    checked: bool = False
+    gate_values: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def gate_means(self, layers: Sequence[int]) -> torch.Tensor:
+        """The channel-mean gates of ``layers`` stacked: ``[B, len(layers), T]``."""
+        return torch.stack([self.layer_gate(i) for i in layers], dim=1)
+
+    def layer_gate(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s channel-mean gate ``[B, T]`` (averaged now if it was left lazy)."""
+        if layer not in self.gates:
+            self.gates[layer] = self.gate_values.pop(layer).mean(dim=-1)
+        return self.gates[layer]
 
 
 def as_call(cross_kv: Any) -> XACall | None:
@@ -393,7 +409,8 @@ class GatedCrossAttention(nn.Module):
             call.gates[self.layer_index] = x.new_zeros(b, t)
             return x
         kv = call.image_kv
-        self._check_kv(kv, b)
+        if not call.checked:
+            self._check_kv(kv, b)
         k, v = kv.keys[self.kv_group], kv.values[self.kv_group]
         if k.shape[0] != b:
             k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
@@ -409,8 +426,11 @@ class GatedCrossAttention(nn.Module):
         if call.start > 0:  # training forward reproducing a streaming run's xa_start
             on = torch.arange(t, device=x.device) >= call.start
             g = g * on[None, :, None].to(g.dtype)
-        g = self.hook_gate(g.expand_as(y))
-        call.gates[self.layer_index] = g.mean(dim=-1)
+        g = self.hook_gate(g if g.shape == y.shape else g.expand_as(y))
+        if call.lazy_gates:  # averaged later, only if someone reads it
+            call.gate_values[self.layer_index] = g
+        else:
+            call.gates[self.layer_index] = g.mean(dim=-1)
         return x + self.hook_out(g * y)
 
     def extra_repr(self) -> str:

@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -218,3 +219,41 @@ def save_moshi(model: MoshiLM, path: str | os.PathLike[str]) -> Path:
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
     return path
+
+
+def moshi_lm_kwargs(cfg: Any) -> dict[str, Any]:
+    """Kyutai ``moshi.models.lm.LMModel`` kwargs with the architecture of an ``LMConfig``.
+
+    With ``LMConfig.moshi_7b()`` these are the released Moshi settings; the package builds the
+    reference model our state-dict names and outputs are checked against.
+    """
+    return dict(
+        delays=list(cfg.delays),
+        n_q=cfg.n_q,
+        dep_q=cfg.dep_q,
+        card=cfg.card,
+        text_card=cfg.text_card,
+        existing_text_padding_id=cfg.existing_text_padding_id,
+        dim=cfg.dim,
+        num_heads=cfg.num_heads,
+        num_layers=cfg.num_layers,
+        hidden_scale=cfg.hidden_scale,
+        causal=True,
+        layer_scale=None,
+        context=cfg.context,
+        max_period=cfg.max_period,
+        gating="silu",
+        norm="rms_norm_f32",
+        positional_embedding="rope",
+        depformer_dim=cfg.depformer_dim,
+        depformer_dim_feedforward=cfg.depformer_dim_feedforward,
+        depformer_num_heads=cfg.depformer_num_heads,
+        depformer_num_layers=cfg.depformer_num_layers,
+        depformer_layer_scale=None,
+        depformer_multi_linear=cfg.depformer_multi_linear,
+        depformer_context=cfg.depformer_context,
+        depformer_max_period=cfg.max_period,
+        depformer_gating="silu",
+        depformer_pos_emb="none",
+        depformer_weights_per_step=cfg.depformer_weights_per_step,
+    )

@@ -110,6 +110,7 @@ class StreamingState:
     depformer_in: torch.Tensor  # depformer_in weights concatenated [n * depformer_dim, dim]
     user_groups: list[tuple[int, torch.Tensor, torch.Tensor]]  # (delay, grid rows, user cols)
     out_groups: list[tuple[int, torch.Tensor]]  # (delay, Moshi rows 0..dep_q)
+    rope: torch.Tensor  # RoPE rotations of the first positions [P, head_dim / 2], row j = step j
     offset: int = 0  # number of steps taken
     text_logits: torch.Tensor | None = None  # [B, text_card] of the last step
     audio_logits_steps: list[torch.Tensor] = field(default_factory=list)
@@ -466,6 +467,8 @@ class MoshiLM(_hooks.HookedModel, nn.Module):
             depformer_in=torch.cat([m.weight for m in self.depformer_in]).detach().clone(),
             user_groups=user_groups,
             out_groups=out_groups,
+            # Same numbers as rope_rotations([j]) at step j (elementwise), computed once.
+            rope=rope_rotations(torch.arange(2 * cfg.context, device=dev), hd, cfg.max_period),
         )
 
     @torch.inference_mode()
@@ -502,9 +505,12 @@ class MoshiLM(_hooks.HookedModel, nn.Module):
 
         x = self._embed(column, st.emb_table, st.emb_offsets)[:, None]
         x = self.hook_embed(x)
-        rope = rope_rotations(
-            torch.tensor([j], device=x.device), cfg.dim // cfg.num_heads, cfg.max_period
-        )
+        if j < st.rope.shape[0]:
+            rope = st.rope[j : j + 1]
+        else:
+            rope = rope_rotations(
+                torch.tensor([j], device=x.device), cfg.dim // cfg.num_heads, cfg.max_period
+            )
         for layer, kv in zip(self.transformer.layers, st.kv, strict=True):
             x = layer(x, rope=rope, cache=kv, pos=j, cross_kv=image_kv)
         h = self.hook_resid_final(self.out_norm(x))
@@ -572,7 +578,7 @@ class MoshiLM(_hooks.HookedModel, nn.Module):
 
 def _check_range(x: torch.Tensor, card: int, what: str) -> None:
     """Raise a ValueError unless every id lies in ``[-1, card)`` (-1 is the zero token)."""
-    lo, hi = int(x.min()), int(x.max())
+    lo, hi = (int(v) for v in torch.aminmax(x))  # one pass over x
     if lo < ZERO_TOKEN or hi >= card:
         raise ValueError(
             f"{what}: token ids must lie in [-1, {card}) (-1 = zero token), got [{lo}, {hi}]"

@@ -135,6 +135,7 @@ class MoshiVis(_hooks.HookedModel, nn.Module):
             )
             lm.transformer.layers[i].cross_attention = adapter.to(**factory)
         self._last_gates: torch.Tensor | None = None
+        self._pending_gates: XACall | int | None = None  # last step's gates, not yet averaged
         self.hook_points()  # write the hook names onto the hook points
 
     @classmethod
@@ -271,7 +272,7 @@ class MoshiVis(_hooks.HookedModel, nn.Module):
     def streaming(self, batch_size: int, **kwargs: Any) -> Iterator[StreamingState]:
         """The LM's streaming session (same arguments as ``MoshiLM.streaming``)."""
         with self.lm.streaming(batch_size, **kwargs) as state:
-            self._last_gates = None
+            self._last_gates = self._pending_gates = None
             yield state
 
     @property
@@ -287,7 +288,15 @@ class MoshiVis(_hooks.HookedModel, nn.Module):
     @property
     def last_gates(self) -> torch.Tensor | None:
         """Channel-mean gate per cross-attention layer of the last ``step``, ``[B, layers]``
-        (0 before ``xa_start`` or without an image)."""
+        (0 before ``xa_start`` or without an image). Averaged on first read, not in ``step``."""
+        pending, self._pending_gates = self._pending_gates, None
+        if pending is not None:
+            if isinstance(pending, XACall):
+                with torch.inference_mode():
+                    gates = pending.gate_means(self.cfg.layers)[:, :, 0]
+            else:
+                gates = torch.zeros(pending, len(self.cfg.layers), device=self.device)
+            self._last_gates = gates
         return self._last_gates
 
     def step(
@@ -301,16 +310,21 @@ class MoshiVis(_hooks.HookedModel, nn.Module):
         st = self.lm.streaming_state
         if st is None:
             raise RuntimeError("step() needs a streaming session: `with model.streaming(B): ...`")
-        layers = self.cfg.layers
+        self._last_gates = None
         if image_kv is None:
             out = self.lm.step(user_codes)
-            gates = torch.zeros(st.batch_size, len(layers), device=self.device)
+            self._pending_gates = st.batch_size  # zeros, made if read
         else:
             kv = self._check_image_kv(image_kv, st.batch_size)
-            call = XACall(kv, active=st.offset >= self.cfg.xa.xa_start, eager=eager)
+            call = XACall(
+                kv,
+                active=st.offset >= self.cfg.xa.xa_start,
+                eager=eager,
+                lazy_gates=True,
+                checked=True,
+            )
             out = self.lm.step(user_codes, image_kv=call)
-            gates = torch.stack([call.gates[i][:, 0] for i in layers], dim=1)
-        self._last_gates = gates
+            self._pending_gates = call
         return out
 
     # ------------------------------------------------------------------ interventions

@@ -57,6 +57,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-3
+    gate_lr_scale: float = 1.0  # the gate MLPs' learning rate, as a multiple of lr
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.0
@@ -85,6 +86,12 @@ class TrainConfig:
             v = getattr(self, n)
             _check(v >= 1, name, n, f"must be >= 1, got {v}")
         _check(self.lr > 0, name, "lr", f"must be > 0, got {self.lr}")
+        _check(
+            self.gate_lr_scale > 0,
+            name,
+            "gate_lr_scale",
+            f"must be > 0, got {self.gate_lr_scale}",
+        )
         _check(self.minutes > 0, name, "minutes", f"must be > 0, got {self.minutes}")
         _check(
             0 <= self.warmup_steps <= self.steps,
@@ -165,10 +172,18 @@ def loss_sums(model: Any, batch: Batch, out: Any) -> dict[str, torch.Tensor]:
     return sums
 
 
-def combine_sums(model: Any, sums: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Moshi's weighted text + audio loss from the sums of several forwards (one batch)."""
+def combine_sums(
+    model: Any, sums: list[dict[str, torch.Tensor]], distributed: bool = False
+) -> dict[str, torch.Tensor]:
+    """Moshi's weighted text + audio loss from the sums of several forwards (one batch).
+
+    ``distributed``: this process holds one shard of a data-parallel batch (see
+    ``global_loss``).
+    """
     cfg = model.lm.cfg
     tot = {k: sum(s[k] for s in sums) for k in sums[0]}
+    if distributed and _world_size() > 1:
+        return global_loss(cfg, tot)
 
     def mean(k: str) -> torch.Tensor:
         return tot[k] / torch.as_tensor(tot[f"{k}_w"]).clamp_min(1e-12)
@@ -181,6 +196,53 @@ def combine_sums(model: Any, sums: list[dict[str, torch.Tensor]]) -> dict[str, t
         "speech_text_loss": mean("speech_text"),
         "speechless_text_loss": mean("speechless_text"),
     }
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_loss(cfg: Any, tot: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Data parallel: the loss of the whole (all-process) batch, from this process' sums.
+
+    Weight totals and (detached) numerators are summed over processes. The returned ``loss``
+    has the global value, and its gradient is ``world_size`` times this shard's numerators over
+    the global weights, so that DDP's mean of the processes' gradients is exactly the gradient
+    of the global loss (one process with the same global batch gives the same update).
+    """
+    keys = sorted(tot)
+    ref = next(v for v in tot.values() if isinstance(v, torch.Tensor))
+    local = torch.stack([torch.as_tensor(tot[k], device=ref.device).detach().float() for k in keys])
+    torch.distributed.all_reduce(local)
+    glob = dict(zip(keys, local, strict=True))
+    world = _world_size()
+
+    def mean(k: str) -> torch.Tensor:
+        return glob[k] / glob[f"{k}_w"].clamp_min(1e-12)
+
+    def share(k: str) -> torch.Tensor:
+        return world * tot[k] / glob[f"{k}_w"].clamp_min(1e-12)
+
+    value = cfg.text_weight * mean("text") + cfg.audio_weight * mean("audio")
+    objective = cfg.text_weight * share("text") + cfg.audio_weight * share("audio")
+    return {
+        "loss": objective + (value - objective).detach(),
+        "text_loss": mean("text"),
+        "audio_loss": mean("audio"),
+        "speech_text_loss": mean("speech_text"),
+        "speechless_text_loss": mean("speechless_text"),
+    }
+
+
+def shard_batch(batch: Batch, rank: int, world: int) -> Batch:
+    """Process ``rank``'s rows of a global batch: the ``rank``-th of ``world`` equal slices."""
+    b = batch.codes.shape[0]
+    if b % world:
+        raise ValueError(f"batch_size {b} must be divisible by the {world} processes")
+    n = b // world
+    fields = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    return Batch(*(t[rank * n : (rank + 1) * n] for t in fields))
 
 
 def split_batch(batch: Batch) -> list[Batch]:
@@ -216,19 +278,22 @@ def batch_loss(
     *,
     forward: Any = None,
     split: bool = True,
+    distributed: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The loss parts of a mixed batch.
 
     ``split`` forwards the speech and speechless rows separately (see ``split_batch``); under
-    DDP (several processes) pass ``split=False`` so that each step has exactly one forward.
-    ``forward`` is the module to call (the DDP wrapper), ``model`` the bare ``MoshiVis``.
+    DDP (several processes) pass ``split=False`` so that each step has exactly one forward,
+    and ``distributed=True`` when ``batch`` is this process' shard of a global batch (the loss
+    is then normalised over the global batch, see ``global_loss``). ``forward`` is the module
+    to call (the DDP wrapper), ``model`` the bare ``MoshiVis``.
     """
     forward = forward if forward is not None else model
     sums = []
     for part in split_batch(batch) if split else [batch]:
         tokens = table[part.image_index.cpu()].to(part.codes.device)
         sums.append(loss_sums(model, part, forward(part.codes, image_tokens=tokens)))
-    return combine_sums(model, sums)
+    return combine_sums(model, sums, distributed=distributed)
 
 
 # ---------------------------------------------------------------------- building the model
@@ -463,17 +528,25 @@ def _train_adapters(
         gradient_accumulation_steps=tcfg.grad_accum,
         cpu=not torch.cuda.is_available(),
     )
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": tcfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=tcfg.lr,
-        betas=(tcfg.beta1, tcfg.beta2),
-    )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups = []
+    for is_gate in (False, True):
+        for decays in (True, False):
+            ps = [
+                p
+                for n, p in named
+                if (".gate." in n or n.startswith("gate.")) == is_gate and (p.dim() >= 2) == decays
+            ]
+            if ps:
+                groups.append(
+                    {
+                        "params": ps,
+                        "weight_decay": tcfg.weight_decay if decays else 0.0,
+                        "lr_scale": tcfg.gate_lr_scale if is_gate else 1.0,
+                    }
+                )
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
     step, elapsed_before = 0, 0.0
     if state_path.exists():
         st = read_json(state_path)
@@ -506,15 +579,23 @@ def _train_adapters(
             t0 = time.time()
             lr = lr_at(step, tcfg)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             model.train()
             acc: dict[str, float] = dict.fromkeys(LOSS_KEYS, 0.0)
             norm: Any = 0.0
             for micro in range(tcfg.grad_accum):
-                b = batch_for_step(train, tcfg.batch_size, tcfg.seed, step, micro).to(device)
+                b = batch_for_step(train, tcfg.batch_size, tcfg.seed, step, micro)
+                if accel.num_processes > 1:  # data parallel: this process' rows of the batch
+                    b = shard_batch(b, accel.process_index, accel.num_processes)
+                b = b.to(device)
                 with accel.accumulate(model), accel.autocast():
                     parts = batch_loss(
-                        core, b, tables["train"], forward=model, split=accel.num_processes == 1
+                        core,
+                        b,
+                        tables["train"],
+                        forward=model,
+                        split=accel.num_processes == 1,
+                        distributed=accel.num_processes > 1,
                     )
                     accel.backward(parts["loss"])
                     if accel.sync_gradients:
