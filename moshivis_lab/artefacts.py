@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -123,6 +124,28 @@ class Stage:
     def info(self) -> dict:
         """What the stamp recorded (timings, counts)."""
         return read_json(self.stamp)
+
+
+def claim_run_dir(
+    out: Path, key: str, overwrite: bool, *, how: str, stage: Stage | None = None, what: str = "run"
+) -> None:
+    """Let a trainer with run key ``key`` use ``out`` (its ``state.json``, its ``stage`` stamp).
+
+    A run there under another key (its config, or the data it was trained on, changed) is an
+    error that says ``how`` to start again, unless ``overwrite``, which deletes it first.
+    """
+    state = out / "state.json"
+    old = read_json(state).get("key") if state.exists() else None
+    if old is None and stage is not None and stage.stamp.exists() and not stage.done:
+        old = read_json(stage.stamp).get("key")
+    if old is None or old == key:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{out} holds a {what} with other settings (key {old} != {key}: its config or the "
+            f"data it was trained on changed); {how}"
+        )
+    shutil.rmtree(out)
 
 
 def save_run_checkpoint(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from moshivis_lab.artefacts import (
     Stage,
     atomic_path,
+    claim_run_dir,
     config_hash,
     keep_metrics_upto,
     read_json,
@@ -504,14 +504,13 @@ def _train_adapters(
     key = _run_key(cfg, model, tcfg, lm_sha, encoder)
     stage = Stage(out, "adapters", key)
     state_path, metrics_path = out / "state.json", out / "metrics.jsonl"
-    old_key = read_json(state_path).get("key") if state_path.exists() else None
-    if old_key is not None and old_key != key:
-        if not overwrite:
-            raise ValueError(
-                f"{out} holds a run with other settings (key {old_key} != {key}); pass "
-                "overwrite=True (CLI: --overwrite) or another run name to start again"
-            )
-        shutil.rmtree(out)
+    claim_run_dir(
+        out,
+        key,
+        overwrite,
+        stage=stage,
+        how="pass overwrite=True (CLI: --overwrite) or another run name to start again",
+    )
     if stage.done and (out / "adapters.safetensors").exists():
         return stage.info()
     counts = freeze_and_unfreeze(model, tcfg, log=log if progress else (lambda *_: None))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from moshivis_lab.artefacts import (
     Stage,
+    claim_run_dir,
     config_hash,
     keep_metrics_upto,
     read_json,
@@ -405,14 +405,13 @@ def pretrain_speech(
     key = _run_key(cfg, lm_cfg, tcfg)
     stage = Stage(out, "pretrain", key)
     state_path, metrics_path = out / "state.json", out / "metrics.jsonl"
-    old_key = read_json(state_path).get("key") if state_path.exists() else None
-    if old_key is not None and old_key != key:
-        if not overwrite:
-            raise ValueError(
-                f"{out} holds a run with other settings (key {old_key} != {key}); "
-                "pass overwrite=True (CLI: delete the directory) to start again"
-            )
-        shutil.rmtree(out)
+    claim_run_dir(
+        out,
+        key,
+        overwrite,
+        stage=stage,
+        how="pass overwrite=True (CLI: delete the directory) to start again",
+    )
     if stage.done and (out / "model.safetensors").exists():
         return stage.info()
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ from moshivis_lab.artefacts import (
     Stage,
     atomic_open,
     atomic_path,
+    claim_run_dir,
     config_hash,
     keep_metrics_upto,
     read_json,
@@ -722,17 +722,14 @@ def pretrain_vision(
     tok = TextTokenizer.load(cfg.tokenizer_path)
     key = _run_key(cfg, vcfg, tcfg, sha256_file(cfg.tokenizer_path))
     stage = Stage(out, STAGE_NAME, key)
-    state_path = out / "state.json"
-    old_key = read_json(state_path).get("key") if state_path.exists() else None
-    if old_key is None and stage.stamp.exists() and not stage.done:
-        old_key = read_json(stage.stamp).get("key")
-    if old_key is not None and old_key != key:
-        if not overwrite:
-            raise ValueError(
-                f"{out} holds a vision run with other settings (key {old_key} != {key}); pass "
-                "overwrite=True (CLI: --overwrite) to delete it and start again"
-            )
-        shutil.rmtree(out)
+    claim_run_dir(
+        out,
+        key,
+        overwrite,
+        stage=stage,
+        what="vision run",
+        how="pass overwrite=True (CLI: --overwrite) to delete it and start again",
+    )
     if stage.done and (out / "report.json").exists():
         return read_json(out / "report.json")
 
