@@ -29,13 +29,16 @@ test: lint
 	$(BIN)/pytest -q --timeout=900 tests
 	MOSHIVIS_PRESET=smoke $(BIN)/pytest -q --timeout=900 --nbmake notebooks
 
-reproduce: data
+# The whole tiny pipeline end to end (<= 30 min on 2 CPU cores; finished stages are skipped):
+# data, codec, encoder, speech LM, adapters, evaluation, reduced ablations, figures/ + REPORT.md.
+reproduce: venv
+	$(BIN)/moshivis-lab reproduce --preset $(PRESET)
 
 data: venv
 	$(BIN)/moshivis-lab data --preset $(PRESET)
 
 lab: venv
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: venv
 	$(BIN)/python benchmarks/run.py --preset $(PRESET)

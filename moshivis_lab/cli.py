@@ -1,4 +1,4 @@
-"""The ``moshivis-lab`` command line: build data, inspect artefacts (later: train, eval, figures)."""
+"""The ``moshivis-lab`` command line: build data, train, evaluate, ablate, reproduce everything."""
 
 from __future__ import annotations
 
@@ -229,6 +229,37 @@ def pretrain_vision_cmd(
     build_data(cfg, progress=not quiet)
     report = pretrain_vision(cfg, tcfg, vcfg, progress=not quiet, overwrite=overwrite)
     typer.echo(json.dumps(report, indent=1, default=str))
+
+
+@app.command("reproduce")
+def reproduce_cmd(
+    preset_name: PresetOpt = "tiny",
+    data_dir: DataDirOpt = None,
+    figures_dir: Annotated[
+        Path | None,
+        typer.Option(help="where figures and REPORT.md go (default: ./figures for tiny)"),
+    ] = None,
+    stage: Annotated[
+        list[str] | None, typer.Option("--stage", help="only these stages (in pipeline order)")
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """The whole pipeline end to end (resumable: finished stages are skipped), timed per stage,
+    ending in the paper figures (PNG + SVG) and REPORT.md."""
+    from moshivis_lab.reproduce import STAGES, reproduce, reproduce_dir
+
+    cfg = preset(preset_name, data_dir)
+    if figures_dir is None:
+        tiny_default = preset_name == "tiny" and data_dir is None
+        figures_dir = Path("figures") if tiny_default else reproduce_dir(cfg) / "figures"
+    timings = reproduce(
+        cfg,
+        figures_dir=figures_dir,
+        stages=tuple(stage) if stage else STAGES,
+        progress=not quiet,
+        log=typer.echo,
+    )
+    typer.echo(json.dumps(timings, indent=1, default=str))
 
 
 if __name__ == "__main__":

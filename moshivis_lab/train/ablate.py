@@ -57,14 +57,27 @@ class AblateConfig:
         return cls()
 
     @classmethod
+    def reduced(cls) -> AblateConfig:
+        """What ``make reproduce`` runs inside its 30 minutes: the 4 grid variants and p_audio
+        0 / 0.25 (the grid's default) / 1, 80 steps each, small evaluations (~1 min each)."""
+        return cls(steps=80, p_audio=(0.0, 0.25, 1.0), per_type=12, spoken_per_type=4, n_speech=6)
+
+    @classmethod
     def smoke(cls) -> AblateConfig:
         """Seconds per variant: for tests and notebook CI."""
         return cls(steps=3, p_audio=(0.0, 1.0), per_type=2, spoken_per_type=1, n_speech=2)
 
 
-def variants(acfg: AblateConfig, base_xa: XAConfig) -> list[dict[str, Any]]:
-    """The runs: name, sweep, XAConfig and p_audio of each (the default mix elsewhere)."""
+def variants(
+    acfg: AblateConfig, base_xa: XAConfig, default_p_audio: float | None = None
+) -> list[dict[str, Any]]:
+    """The runs: name, sweep, XAConfig and p_audio of each (the default mix elsewhere).
+
+    With the grid on, the sweep's point at ``default_p_audio`` is the grid's default variant
+    (same XAConfig, same mix, same steps): it is not trained twice but marked ``same_as``.
+    """
     out = []
+    default_name = next(name for name, *_ in GRID if "(default)" in name)
     if acfg.grid:
         for name, gating, sharing, shared, paper in GRID:
             xa = dataclasses.replace(base_xa, gating=gating, sharing=sharing, gate_shared=shared)
@@ -78,15 +91,10 @@ def variants(acfg: AblateConfig, base_xa: XAConfig) -> list[dict[str, Any]]:
                 }
             )
     for p in acfg.p_audio:
-        out.append(
-            {
-                "sweep": "p_audio",
-                "name": f"p_audio={p:g}",
-                "xa": base_xa,
-                "p_audio": p,
-                "paper": None,
-            }
-        )
+        v = {"sweep": "p_audio", "name": f"p_audio={p:g}", "xa": base_xa, "p_audio": p}
+        if acfg.grid and default_p_audio is not None and abs(p - default_p_audio) < 1e-12:
+            v["same_as"] = default_name
+        out.append({**v, "paper": None})
     return out
 
 
@@ -115,8 +123,20 @@ def run_ablations(
     base_xa = tcfg.xa or build_model(cfg, None, image_dim=image_dim).cfg.xa
     base_lm = load_speech_lm(cfg)
     out_dir = Path(out_dir) if out_dir is not None else cfg.data_dir / cfg.name / "ablations"
-    rows = []
-    for v in variants(acfg, base_xa):
+    rows: list[dict[str, Any]] = []
+    for v in variants(acfg, base_xa, tcfg.mix.p_audio):
+        if v.get("same_as"):  # the grid's default variant, already trained and evaluated
+            twin = next(r for r in rows if r["name"] == v["same_as"])
+            rows.append(
+                {
+                    **twin,
+                    "sweep": v["sweep"],
+                    "name": v["name"],
+                    "same_as": twin["run"],
+                    "paper_ocr_vqa_text_speech": None,
+                }
+            )
+            continue
         run = _run_name(v)
         mix = tcfg.mix if v["p_audio"] is None else tcfg.mix.replace(p_audio=v["p_audio"])
         t = tcfg.replace(xa=v["xa"], mix=mix)
