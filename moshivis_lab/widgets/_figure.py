@@ -36,7 +36,9 @@ def sync_figure(target: go.Figure, source: go.Figure) -> go.Figure:
     """Make ``target`` (a ``Figure`` or ``FigureWidget``) show ``source``, in place.
 
     With the same traces (count and types), each trace is updated (a FigureWidget then sends only
-    what changed); otherwise the traces are replaced. The layout is always replaced.
+    what changed); otherwise the traces are replaced. The layout is always replaced. Properties
+    that ``source`` lacks are unset first: a FigureWidget's browser view only applies the keys it
+    is sent, so a placeholder's annotation would otherwise stay drawn over the new figure.
     """
     if _same_structure(target, source):
         with target.batch_update():
@@ -44,12 +46,21 @@ def sync_figure(target: go.Figure, source: go.Figure) -> go.Figure:
                 props = new.to_plotly_json()
                 props.pop("type", None)
                 props.pop("uid", None)
+                _unset_missing(old, props)
                 old.update(props, overwrite=True)
     else:
         target.data = ()
         target.add_traces(list(source.data))
+    _unset_missing(target.layout, source.layout.to_plotly_json())
     target.layout = source.layout
     return target
+
+
+def _unset_missing(obj: Any, keep: dict) -> None:
+    """Set to None every top-level property of ``obj`` (a trace or layout) not in ``keep``."""
+    for key in list(obj.to_plotly_json()):
+        if key not in keep and key not in ("type", "uid", "template"):
+            obj[key] = None
 
 
 def placeholder_figure(text: str, height: int = 260) -> go.Figure:
