@@ -86,3 +86,32 @@ def test_notebooks_are_committed_without_outputs() -> None:
             if cell["cell_type"] == "code":
                 assert not cell.get("outputs"), f"{nb.name} carries outputs: strip them"
                 assert cell.get("execution_count") is None, f"{nb.name} carries execution counts"
+
+
+NOTEBOOK_MAP = (
+    "00_quickstart",
+    "01_data_world",
+    "02_pretrained_parts",
+    "03_building_adapters",
+    "04_training_mixed_data",
+    "05_gates",
+    "06_cross_attention_and_attribution",
+    "07_prosody_preservation",
+    "08_paper_figures",
+)
+
+
+def test_every_notebook_says_what_how_long_and_real_weights() -> None:
+    names = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert names == sorted(NOTEBOOK_MAP), f"notebook map changed: {names}"
+    readme = (ROOT / "README.md").read_text()
+    for name in NOTEBOOK_MAP:
+        d = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+        top = d["cells"][0]
+        assert top["cell_type"] == "markdown", f"{name}: the first cell must explain the notebook"
+        text = "".join(top["source"])
+        for part in ("**What this shows.**", "**How long.**", "**Real weights.**"):
+            assert part in text, f"{name}: its first cell lacks {part}"
+        code = "".join("".join(c["source"]) for c in d["cells"] if c["cell_type"] == "code")
+        assert "MOSHIVIS_PRESET" in code, f"{name}: no preset switch (MOSHIVIS_PRESET)"
+        assert name in readme, f"README's notebook map lacks {name}"
