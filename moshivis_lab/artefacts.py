@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -18,16 +20,48 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_SWEPT: set[Path] = set()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_tmp(directory: str | os.PathLike[str], name: str | None = None) -> list[Path]:
+    """Delete the temporary files (``.{name}.{pid}.*.tmp``) that killed writers left in
+    ``directory`` (only ``name``'s, when given); a live writer's files are kept."""
+    pat = f".{glob.escape(name)}.*.tmp" if name is not None else ".*.tmp"
+    gone = []
+    for p in Path(directory).glob(pat):
+        m = re.fullmatch(r"\..+\.(\d+)\.[^.]+\.tmp", p.name)
+        if m and int(m[1]) != os.getpid() and not _pid_alive(int(m[1])):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
 
     If the body raises (or the process dies), ``path`` keeps its previous content and the
-    temporary file is removed (or, after SIGKILL, left with a ``.tmp`` suffix, never read).
+    temporary file is removed (or, after SIGKILL, left as ``.{name}.{pid}.*.tmp``: never read,
+    and deleted by the next process that writes into that directory).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.parent not in _SWEPT:  # once per directory and process: world dirs are large
+        remove_stale_tmp(path.parent)
+        _SWEPT.add(path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -186,6 +220,7 @@ def save_run_checkpoint(
     for p in ck.glob("*_*.*"):
         if p.name not in (weights, optim) and not p.name.startswith("."):
             p.unlink(missing_ok=True)
+    remove_stale_tmp(ck)  # what a killed run was writing when it died
 
 
 def keep_metrics_upto(path: str | os.PathLike[str], step: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated
@@ -16,17 +17,77 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MoshiVis research workbench.")
 
-PresetOpt = Annotated[str, typer.Option("--preset", "-p", help=f"one of {sorted(PRESETS)}")]
+
+# Options are checked when the command line is parsed, before anything is built or written: a bad
+# value exits with status 2 and click's "Invalid value for '--option': ..." saying what to pass.
+
+
+def _check_preset(name: str) -> str:
+    if name not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return name
+
+
+def _check_minutes(v: float | None) -> float | None:
+    if v is not None and not (math.isfinite(v) and v > 0):
+        raise typer.BadParameter(f"must be a number of minutes > 0, got {v}")
+    return v
+
+
+def _check_p_audio(v: float | None) -> float | None:
+    if v is not None and not 0.0 <= v <= 1.0:  # NaN fails too
+        raise typer.BadParameter(f"must be a probability in [0, 1], got {v}")
+    return v
+
+
+def _check_run(run: str) -> str:
+    if not run or "/" in run or "\\" in run or run.startswith("."):
+        raise typer.BadParameter(
+            f"{run!r} is not a run name: use a plain directory name such as 'main' or 'kv_only'"
+        )
+    return run
+
+
+def _check_stages(known: tuple[str, ...], stages: list[str] | None) -> list[str] | None:
+    bad = [s for s in stages or () if s not in known]
+    if bad:
+        raise typer.BadParameter(f"unknown stage(s) {bad}; choose from {list(known)}")
+    return stages
+
+
+def _check_data_stages(stages: list[str] | None) -> list[str] | None:
+    from moshivis_lab.pipeline import DATA_STAGES
+
+    return _check_stages(DATA_STAGES, stages)
+
+
+def _check_reproduce_stages(stages: list[str] | None) -> list[str] | None:
+    from moshivis_lab.reproduce import STAGES
+
+    return _check_stages(STAGES, stages)
+
+
+PresetOpt = Annotated[
+    str,
+    typer.Option("--preset", "-p", help=f"one of {sorted(PRESETS)}", callback=_check_preset),
+]
 DataDirOpt = Annotated[
-    Path | None, typer.Option("--data-dir", help="artefact root (default: ./data)")
+    Path | None,
+    typer.Option("--data-dir", help="artefact root (default: ./data)", file_okay=False),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
-StepsOpt = Annotated[int | None, typer.Option(help="training steps (default: preset)")]
+StepsOpt = Annotated[int | None, typer.Option(help="training steps (default: preset)", min=1)]
 MinutesOpt = Annotated[
-    float | None, typer.Option(help="wall-clock budget of this invocation (default: preset)")
+    float | None,
+    typer.Option(
+        help="wall-clock budget of this invocation (default: preset)", callback=_check_minutes
+    ),
 ]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="delete a run made with other settings")
+]
+RunOpt = Annotated[
+    str, typer.Option(help="run name (a directory under adapters/)", callback=_check_run)
 ]
 
 
@@ -34,8 +95,13 @@ OverwriteOpt = Annotated[
 def data(
     preset_name: PresetOpt = "tiny",
     data_dir: DataDirOpt = None,
-    workers: Annotated[int | None, typer.Option(help="processes (default: min(2, cpus))")] = None,
-    stage: Annotated[list[str] | None, typer.Option("--stage", help="only these stages")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="processes (default: min(2, cpus))", min=1)
+    ] = None,
+    stage: Annotated[
+        list[str] | None,
+        typer.Option("--stage", help="only these stages", callback=_check_data_stages),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Build the offline data world, tokenizer, codec and token shards (resumable)."""
@@ -76,7 +142,7 @@ def pretrain_speech_cmd(
     data_dir: DataDirOpt = None,
     steps: StepsOpt = None,
     minutes: MinutesOpt = None,
-    n_dialogues: Annotated[int, typer.Option(help="held-out dialogues to question")] = 150,
+    n_dialogues: Annotated[int, typer.Option(help="held-out dialogues to question", min=1)] = 150,
     split: Annotated[str, typer.Option(help="held-out split to evaluate on")] = "val",
     quiet: QuietOpt = False,
 ) -> None:
@@ -119,11 +185,12 @@ def _train_config(
 def train_cmd(
     preset_name: PresetOpt = "tiny",
     data_dir: DataDirOpt = None,
-    run: Annotated[str, typer.Option(help="run name (a directory under adapters/)")] = "main",
+    run: RunOpt = "main",
     steps: StepsOpt = None,
     minutes: MinutesOpt = None,
     p_audio: Annotated[
-        float | None, typer.Option(help="share of speech samples (default: 0.25)")
+        float | None,
+        typer.Option(help="share of speech samples (default: 0.25)", callback=_check_p_audio),
     ] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -142,10 +209,10 @@ def train_cmd(
 def eval_cmd(
     preset_name: PresetOpt = "tiny",
     data_dir: DataDirOpt = None,
-    run: Annotated[str, typer.Option(help="run name (a directory under adapters/)")] = "main",
-    per_type: Annotated[int, typer.Option(help="text-prompt items per question type")] = 60,
+    run: RunOpt = "main",
+    per_type: Annotated[int, typer.Option(help="text-prompt items per question type", min=1)] = 60,
     spoken_per_type: Annotated[
-        int, typer.Option(help="spoken-prompt items per question type")
+        int, typer.Option(help="spoken-prompt items per question type", min=1)
     ] = 24,
     quiet: QuietOpt = False,
 ) -> None:
@@ -170,7 +237,9 @@ def eval_cmd(
 def ablate_cmd(
     preset_name: PresetOpt = "tiny",
     data_dir: DataDirOpt = None,
-    steps: Annotated[int | None, typer.Option(help="steps per variant (default: preset)")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="steps per variant (default: preset)", min=1)
+    ] = None,
     grid: Annotated[bool, typer.Option(help="run the gating x sharing grid")] = True,
     sweep: Annotated[bool, typer.Option(help="run the p_audio sweep")] = True,
     quiet: QuietOpt = False,
@@ -201,7 +270,8 @@ def pretrain_vision_cmd(
     steps: StepsOpt = None,
     minutes: MinutesOpt = None,
     threads: Annotated[
-        int | None, typer.Option(help="torch threads (default: preset; 1 on a busy machine)")
+        int | None,
+        typer.Option(help="torch threads (default: preset; 1 on a busy machine)", min=1),
     ] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -240,7 +310,12 @@ def reproduce_cmd(
         typer.Option(help="where figures and REPORT.md go (default: ./figures for tiny)"),
     ] = None,
     stage: Annotated[
-        list[str] | None, typer.Option("--stage", help="only these stages (in pipeline order)")
+        list[str] | None,
+        typer.Option(
+            "--stage",
+            help="only these stages (in pipeline order)",
+            callback=_check_reproduce_stages,
+        ),
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:

@@ -8,6 +8,8 @@ so a bad value fails where it is written, not three stages later. Derived values
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,53 @@ ZERO_TOKEN = -1
 def _check(cond: bool, cls: str, name: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{cls}.{name}: {msg}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool) or type(v).__name__ == "bool_"  # numpy's bool too
+
+
+def _check_types(obj: Any) -> None:
+    """Check every field against its annotation, naming the field: ``int`` fields hold integers
+    (not bools, not 2.5), ``float`` fields finite real numbers (not NaN, inf, bools or strings),
+    ``bool`` fields bools, ``str`` fields strings, ``tuple[float/int, ...]`` fields sequences of
+    those; ``X | None`` also takes None. Other annotations (paths, nested configs) are left to
+    the config's own checks. Run first in ``__post_init__``, so a value of the wrong kind fails
+    here with the field named instead of as a ``TypeError`` in a comparison, or not at all."""
+    cls = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        kinds = [k.strip() for k in ann.split("|")]
+        v = getattr(obj, f.name)
+        if "None" in kinds:
+            if v is None:
+                continue
+            kinds.remove("None")
+        if len(kinds) != 1:
+            continue
+        kind, got = kinds[0], f"got {v!r} ({type(v).__name__})"
+        if kind == "int":
+            _check(_is_int(v), cls, f.name, f"must be an integer, {got}")
+        elif kind == "float":
+            _check(_is_finite(v), cls, f.name, f"must be a finite number, {got}")
+        elif kind == "bool":
+            _check(_is_bool(v), cls, f.name, f"must be True or False, {got}")
+        elif kind == "str":
+            ok = isinstance(v, str) or (f.name.endswith("path") and isinstance(v, os.PathLike))
+            _check(ok, cls, f.name, f"must be a string, {got}")
+        elif kind.startswith(("tuple[float", "tuple[int")):
+            each = _is_finite if kind.startswith("tuple[float") else _is_int
+            ok = isinstance(v, tuple | list) and all(each(x) for x in v)
+            what = "finite numbers" if each is _is_finite else "integers"
+            _check(ok, cls, f.name, f"must be a sequence of {what}, {got}")
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -89,6 +138,7 @@ class WorldConfig:
     test_fraction: float = 0.05
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive(self, "image_size", "min_objects", "max_objects", "n_user_voices")
         _check(
             self.image_size >= 64,
@@ -185,6 +235,7 @@ class CodecConfig:
     phone_epochs: int = 30
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(
             self.kind in ("tiny", "mimi"),
             "CodecConfig",
@@ -273,6 +324,7 @@ class TokenizerConfig:
     character_coverage: float = 1.0
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(
             self.vocab_size >= 64,
             "TokenizerConfig",
@@ -320,6 +372,7 @@ class LMConfig:
     text_padding_weight: float = 0.5  # PAD / EPAD text targets' loss multiplier
 
     def __post_init__(self) -> None:
+        _check_types(self)
         object.__setattr__(self, "delays", tuple(int(d) for d in self.delays))
         _positive(
             self,
@@ -421,6 +474,7 @@ class LabConfig:
     workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
 
     def __post_init__(self) -> None:
+        _check_types(self)
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         _positive(self, "workers")
 
@@ -514,6 +568,7 @@ class XAConfig:
     num_heads: int | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(
             self.gating in XA_GATINGS,
             "XAConfig",
@@ -581,6 +636,7 @@ class MoshiVisConfig:
     xa: XAConfig = field(default_factory=lambda: XAConfig(image_dim=192))
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if isinstance(self.lm, dict):
             object.__setattr__(self, "lm", LMConfig(**self.lm))
         if isinstance(self.xa, dict):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from moshivis_lab.artefacts import Stage, config_hash, read_json, write_json
-from moshivis_lab.config import LabConfig, _check
+from moshivis_lab.config import LabConfig, _check, _check_types
 
 STAGES = (
     "data",
@@ -64,6 +64,7 @@ class ReproduceConfig:
     prosody_items: int = 4
 
     def __post_init__(self) -> None:
+        _check_types(self)  # a value of the wrong kind fails here, the field named
         name = "ReproduceConfig"
         for f in (
             "threads",

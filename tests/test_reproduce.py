@@ -42,7 +42,9 @@ def test_unknown_stage_is_refused(smoke_world) -> None:
 def test_reproduce_runs_then_resumes(smoke_pretrained, tmp_path) -> None:
     # a private copy: the shared smoke world is read-only for tests
     src = smoke_pretrained.data_dir / smoke_pretrained.name
-    shutil.copytree(src, tmp_path / "smoke")
+    # (the built parts only: other tests may have trained runs in it with their own settings)
+    later = ("adapters", "ablations", "interp", "reproduce", "figures", "eval_*.json")
+    shutil.copytree(src, tmp_path / "smoke", ignore=shutil.ignore_patterns(*later))
     cfg = smoke_pretrained.replace(data_dir=tmp_path)
     stages = tuple(s for s in STAGES if s != "figures")
     lines: list[str] = []

@@ -29,6 +29,8 @@ def to_mono_float(
         a = (a.astype(np.float64) - (info.max + 1) / 2) / ((info.max + 1) / 2)
     elif a.dtype.kind == "i":
         a = a.astype(np.float64) / float(-np.iinfo(a.dtype).min)
+    if a.ndim == 2 and a.size == 0:  # no samples (an empty mono or stereo file): nothing to mix
+        return np.zeros(0, np.float32)
     if a.ndim == 2:
         axis = channel_axis if channel_axis is not None else int(np.argmin(a.shape))
         if a.shape[axis] > 8:

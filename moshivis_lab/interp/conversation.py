@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from moshivis_lab.audio.io import is_silent, load_audio, prepare
 from moshivis_lab.config import TEXT_EPAD_ID, TEXT_PAD_ID, ZERO_TOKEN
@@ -47,6 +47,7 @@ from moshivis_lab.model.generate import timed_transcript
 
 _PATTERN = "temporal.layers.{i}.cross_attention.hook_pattern"
 MAX_SECONDS = 60.0  # longest user audio (plus reply time) one conversation may hold
+MAX_PROMPT_CHARS = 1000  # longest text prompt: ~60 s of TTS speech at ~16 characters/s
 SPLITS = ("train", "val", "test", "heldout")
 _WORLD_ID = re.compile(r"(train|val|test|heldout)_\d+")
 
@@ -187,20 +188,45 @@ def world_images(cfg: Any, split: str = "test") -> list[str]:
     return ids
 
 
+def _rgb_pil(image: Image.Image) -> Image.Image:
+    """An RGB PIL image from a PIL image of any mode, through the encoder's own conversion
+    (``vision.preprocess.to_rgb``): alpha is composited over white rather than dropped (which
+    would show whatever colour transparent pixels store), 16-bit and float images are scaled to
+    0..255 rather than clipped, and a mode that cannot be an image is refused saying what to do."""
+    from moshivis_lab.vision.preprocess import to_rgb
+
+    rgb = to_rgb(image)
+    if isinstance(rgb, Image.Image):
+        return rgb
+    return Image.fromarray((np.clip(rgb, 0.0, 1.0) * 255.0).round().astype(np.uint8), "RGB")
+
+
+def _read_image(path: Path) -> Image.Image:
+    from moshivis_lab.vision.preprocess import open_image
+
+    try:
+        return _rgb_pil(open_image(path))
+    except ValueError as e:  # empty, not an image, truncated, too large: open_image says which
+        raise ValueError(f"{path}: cannot be read as an image ({e})") from e
+
+
 def resolve_image(
     image: Any, cfg: Any = None, split: str = "test"
 ) -> tuple[Image.Image, str | None]:
     """An RGB PIL image and its world id (None when not a world image) from any of:
 
     a world image id (``"test_00003"``), an index into ``world_images(cfg, split)``, a path to an
-    image file, a PIL image, or an ``HxWx3`` uint8 array.
+    image file, a PIL image of any mode (converted as the image encoder converts it:
+    ``vision.preprocess``), or an ``HxWx3`` uint8 array. Unreadable, truncated or oversized files
+    raise a ``ValueError``.
     """
     if isinstance(image, Image.Image):
-        return image.convert("RGB"), None
+        return _rgb_pil(image), None
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8 or 0 in image.shape:
             raise ValueError(
                 f"an image array must be HxWx3 uint8, got shape {image.shape} dtype {image.dtype}"
+                " (pass other kinds as a PIL image, e.g. Image.fromarray(arr))"
             )
         return Image.fromarray(image), None
     if isinstance(image, bool) or image is None:
@@ -217,17 +243,13 @@ def resolve_image(
             raise ValueError(f"the world image id {image!r} needs the lab config (cfg)")
         from moshivis_lab.train.image_tokens import image_path
 
-        with Image.open(image_path(cfg, image)) as im:  # FileNotFoundError with a hint
-            return im.convert("RGB"), image
+        # FileNotFoundError with a hint when the world is not built
+        return _read_image(image_path(cfg, image)), image
     if isinstance(image, str | os.PathLike):
         p = Path(image)
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such image file")
-        try:
-            with Image.open(p) as im:
-                return im.convert("RGB"), None
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{p}: cannot be read as an image ({e})") from e
+        return _read_image(p), None
     raise ValueError(
         f"image must be a world image id, an index, a path, a PIL image or an HxWx3 uint8 "
         f"array, got {type(image).__name__}"
@@ -257,6 +279,12 @@ def prompt_audio(
         if voice is None:
             raise ValueError("a text prompt needs a voice to speak it (world.speech.Voice)")
         text = " ".join(prompt.split())
+        if len(text) > MAX_PROMPT_CHARS:  # refused before minutes of TTS, not after
+            raise ValueError(
+                f"the prompt text is {len(text)} characters; a conversation holds at most "
+                f"{MAX_SECONDS:g} s of audio, about {MAX_PROMPT_CHARS} characters of speech: "
+                "ask a shorter question"
+            )
         wav = synthesize(text, voice, sample_rate).wav.astype(np.float32)
     elif isinstance(prompt, str | os.PathLike):
         wav = load_audio(prompt, sample_rate, min_seconds=0.05)

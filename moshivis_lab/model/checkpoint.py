@@ -133,6 +133,11 @@ def check_shapes(
 def _open(path: str | os.PathLike[str]) -> tuple[Path, dict[str, tuple[int, ...]], dict[str, str]]:
     """Validate the file and return its path, tensor shapes and metadata (no data read)."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is a directory; pass the checkpoint file inside it (e.g. "
+            f"{path / 'model.safetensors'})"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint file here")
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -150,6 +155,27 @@ def _open(path: str | os.PathLike[str]) -> tuple[Path, dict[str, tuple[int, ...]
     return path, shapes, meta
 
 
+def check_values(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one ValueError listing the non-float tensors and the float tensors holding NaN or
+    inf (a diverged run's weights would make every output NaN, or worse, only some of them).
+    One float64 sum per tensor: NaN and inf propagate through it and it cannot overflow."""
+    nonfloat = sorted(k for k, t in state.items() if not t.is_floating_point())
+    if nonfloat:
+        raise ValueError(
+            f"{source}: {_listing(nonfloat, 'non-float tensors')}. Nothing was loaded."
+        )
+    bad = sorted(
+        k
+        for k, t in state.items()
+        if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64)))
+    )
+    if bad:
+        raise ValueError(
+            f"{source}: {_listing(bad, 'tensors holding NaN or inf')} (was it saved from a diverged "
+            "run? load an earlier checkpoint). Nothing was loaded."
+        )
+
+
 def _read_checked(path: str | os.PathLike[str], model: MoshiLM) -> dict[str, torch.Tensor]:
     """All tensors of ``path`` in ``model``'s layout, after checking names and shapes."""
     path, shapes, _ = _open(path)
@@ -160,9 +186,7 @@ def _read_checked(path: str | os.PathLike[str], model: MoshiLM) -> dict[str, tor
     check_shapes(shapes, expected, str(path))
     with safe_open(str(path), framework="pt", device="cpu") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
-    nonfloat = sorted(k for k, t in state.items() if not t.is_floating_point())
-    if nonfloat:
-        raise ValueError(f"{path}: {_listing(nonfloat, 'non-float tensors')}. Nothing was loaded.")
+    check_values(state, str(path))
     return to_module_layout(state, model)
 
 

@@ -47,10 +47,10 @@ from safetensors.torch import save_file
 from moshivis_lab.artefacts import atomic_path
 from moshivis_lab.config import MoshiVisConfig, XAConfig
 from moshivis_lab.model.checkpoint import (
-    _listing,
     _open,
     _released_shapes,
     check_shapes,
+    check_values,
     to_module_layout,
     to_released,
 )
@@ -173,9 +173,7 @@ def _read(
     check_shapes(found, released_shapes(model, adapters_only), str(path))
     with safe_open(str(path), framework="pt", device="cpu") as f:
         state = {k: f.get_tensor(k) for k in found}
-    nonfloat = sorted(k for k, t in state.items() if not t.is_floating_point())
-    if nonfloat:
-        raise ValueError(f"{path}: {_listing(nonfloat, 'non-float tensors')}. Nothing was loaded.")
+    check_values(state, str(path))
     back = {v: k for k, v in adapter_key_map(model).items()}
     out = {back[k]: t for k, t in state.items() if k in back}
     if not adapters_only:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moshivis_lab.artefacts import read_json, write_json
-from moshivis_lab.config import LabConfig, XAConfig, _check
+from moshivis_lab.config import LabConfig, XAConfig, _check, _check_types
 
 # (name, gating, sharing, gate_shared, paper OCR-VQA text / speech accuracy, Table 5)
 GRID: tuple[tuple[str, str, str, bool, tuple[float, float]], ...] = (
@@ -44,6 +44,7 @@ class AblateConfig:
     n_speech: int = 12
 
     def __post_init__(self) -> None:
+        _check_types(self)  # a value of the wrong kind fails here, the field named
         _check(self.steps >= 1, "AblateConfig", "steps", f"must be >= 1, got {self.steps}")
         for p in self.p_audio:
             _check(0 <= p <= 1, "AblateConfig", "p_audio", f"values must be in [0, 1], got {p}")

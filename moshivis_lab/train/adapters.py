@@ -42,7 +42,8 @@ from moshivis_lab.artefacts import (
     trained_settings,
 )
 from moshivis_lab.artefacts import write_json as _write_json
-from moshivis_lab.config import ZERO_TOKEN, LabConfig, XAConfig, _check
+from moshivis_lab.config import ZERO_TOKEN, LabConfig, XAConfig, _check, _check_types
+from moshivis_lab.train.guard import check_finite
 from moshivis_lab.train.mix import Batch, MixConfig, MixedData, batch_for_step
 from moshivis_lab.train.pretrain import lr_at
 
@@ -78,6 +79,7 @@ class TrainConfig:
     threads: int = 2
 
     def __post_init__(self) -> None:
+        _check_types(self)  # a value of the wrong kind fails here, the field named
         name = "TrainConfig"
         for n in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches"):
             v = getattr(self, n)
@@ -406,7 +408,11 @@ def load_trainable(model: Any, path: Path) -> None:
     """Load a trainable-parameter file into ``model`` (strict on names and shapes)."""
     from safetensors.torch import load_file
 
+    from moshivis_lab.model.checkpoint import _open, check_values
+
+    path, _, _ = _open(path)  # missing file, directory, pickle or damaged file: a clear error
     state = load_file(str(path))
+    check_values(state, str(path))  # a diverged run's NaN weights are refused, not copied in
     own = dict(model.named_parameters())
     missing = sorted(n for n, p in own.items() if p.requires_grad and n not in state)
     unexpected = sorted(n for n in state if n not in own)
@@ -597,9 +603,16 @@ def _train_adapters(
                         split=accel.num_processes == 1,
                         distributed=accel.num_processes > 1,
                     )
+                    check_finite(
+                        "adapter training", step + 1, {"loss": parts["loss"].detach()},
+                        train.last_ids, out,
+                    )  # fmt: skip
                     accel.backward(parts["loss"])
                     if accel.sync_gradients:
                         norm = accel.clip_grad_norm_(params, tcfg.grad_clip)
+                        check_finite(
+                            "adapter training", step + 1, {"grad_norm": norm}, train.last_ids, out
+                        )
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 for k in LOSS_KEYS:

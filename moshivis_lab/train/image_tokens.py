@@ -42,15 +42,11 @@ def encode_images(
     encoder: Any, paths: list[Path], batch_size: int = 32, progress: bool = True
 ) -> torch.Tensor:
     """``[N, tokens, dim]`` float32 image tokens of ``paths`` by ``encoder`` (on its device)."""
-    from PIL import Image
-
     out = []
     for s in tqdm(range(0, len(paths), batch_size), disable=not progress, desc="encode images"):
-        imgs = []
-        for p in paths[s : s + batch_size]:
-            with Image.open(p) as im:
-                imgs.append(im.convert("RGB"))
-        out.append(encoder.encode(imgs).float().cpu())
+        # paths go to the encoder as they are: it opens them (clear errors for damaged files)
+        # and converts every mode as the rest of the lab does (alpha over white, 16-bit scaled)
+        out.append(encoder.encode(list(paths[s : s + batch_size])).float().cpu())
     if not out:
         raise ValueError("no images to encode")
     return torch.cat(out)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moshivis_lab.config import ZERO_TOKEN, LabConfig, _check
+from moshivis_lab.config import ZERO_TOKEN, LabConfig, _check, _check_types
 from moshivis_lab.world.shards import ShardReader, load_split
 
 N_ROWS = 17  # Moshi's grid: text + 8 assistant + 8 user codebooks (tiny and real alike)
@@ -46,6 +46,7 @@ class MixConfig:
     user_text_weight: float = 0.0  # loss weight of the user's tokens in speechless samples
 
     def __post_init__(self) -> None:
+        _check_types(self)  # a value of the wrong kind fails here, the field named
         for n in ("p_audio", "p_concat"):
             v = getattr(self, n)
             _check(0.0 <= v <= 1.0, "MixConfig", n, f"must be a probability in [0, 1], got {v}")
@@ -93,6 +94,7 @@ class MixedData:
 
             tokenizer = TextTokenizer.load(cfg.tokenizer_path)
         self.mix = mix
+        self.last_ids: list[str] = []
         shards = load_split(cfg, split)
         self.speech: ShardReader = shards["speech"]
         self.text: ShardReader = shards["text"]
@@ -187,16 +189,26 @@ class MixedData:
 
     def batch(self, batch_size: int, rng: np.random.Generator) -> Batch:
         """``batch_size`` samples: speech with probability ``p_audio``, else speechless."""
-        samples = []
+        samples, ids = [], []
         for _ in range(batch_size):
             glue = rng.random() < self.mix.p_concat
             if self.spoken_image and rng.random() < self.mix.p_audio:
                 i = self.spoken_image[int(rng.integers(len(self.spoken_image)))]
                 samples.append(self.speech_sample(i, rng, glue))
+                ids.append(sample_id(self.speech.meta[i], "speech", i))
             else:
                 i = self.texts[int(rng.integers(len(self.texts)))]
                 samples.append(self.text_sample(i, rng, glue))
+                ids.append(sample_id(self.text.meta[i], "text", i))
+        self.last_ids = ids  # the samples of the latest batch (named when its loss is NaN)
         return collate(samples)
+
+
+def sample_id(meta: dict[str, Any], shard: str, i: int) -> str:
+    """A readable id of row ``i`` of a shard: its record id, else task / image and the row."""
+    if meta.get("id"):
+        return str(meta["id"])
+    return f"{shard}[{i}]:{meta.get('task', '')}:{meta.get('image_id', '')}"
 
 
 def turn_relevance(meta: dict[str, Any], n_frames: int) -> np.ndarray:

@@ -20,10 +20,11 @@ only on ``(seed, s)``, so an interrupted-and-resumed run equals an uninterrupted
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,10 @@ from moshivis_lab.artefacts import (
     save_run_checkpoint,
     trained_settings,
 )
-from moshivis_lab.config import ZERO_TOKEN, LabConfig, LMConfig, _check, _positive
+from moshivis_lab.config import ZERO_TOKEN, LabConfig, LMConfig, _check, _check_types, _positive
 from moshivis_lab.model.checkpoint import load_moshi, load_weights, save_moshi
 from moshivis_lab.model.lm import MoshiLM
+from moshivis_lab.train.guard import check_finite
 from moshivis_lab.world.shards import ShardReader, load_split
 
 LOSS_KEYS = ("loss", "text_loss", "audio_loss", "semantic_loss", "acoustic_loss")
@@ -82,6 +84,7 @@ class PretrainConfig:
     threads: int = 2
 
     def __post_init__(self) -> None:
+        _check_types(self)  # a value of the wrong kind fails here, the field named
         _positive(
             self,
             "steps",
@@ -248,6 +251,20 @@ def batch_for_step(reader: ShardReader, tcfg: PretrainConfig, step: int) -> torc
     return sample_batch(reader, tcfg.batch_size, tcfg.seq_len, rng, tcfg.p_turn_crop)
 
 
+def batch_ids_for_step(
+    reader: ShardReader, tcfg: PretrainConfig, step: int, corpus: TextCorpus | None = None
+) -> list[str]:
+    """The ids of the samples in ``batch_for_step(reader, tcfg, step)`` (the same first draw),
+    plus, with ``corpus``, its rows drawn by ``text_batch_for_step``."""
+    idx = np.random.default_rng([tcfg.seed, step]).integers(0, len(reader), size=tcfg.batch_size)
+    ids = [str(reader.meta[int(i)].get("id") or f"speech[{int(i)}]") for i in idx]
+    if corpus is not None:
+        rng = np.random.default_rng([tcfg.seed, step, 1])
+        picks = rng.integers(0, len(corpus.samples), tcfg.text_batch_size)
+        ids += [f"text_corpus[{int(i)}]" for i in picks]
+    return ids
+
+
 def make_optimizer(model: MoshiLM, tcfg: PretrainConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms (1-D tensors) and embeddings."""
     decay, no_decay = [], []
@@ -321,9 +338,13 @@ def train_step(
     grad_clip: float,
     text_batch: torch.Tensor | None = None,
     text_only_weight: float = 1.0,
+    guard: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, float]:
     """One AdamW update on ``batch [B, K, T]`` (plus, if given, a text-only batch whose text loss
-    is added with ``text_only_weight``); returns the loss parts and the gradient norm."""
+    is added with ``text_only_weight``); returns the loss parts and the gradient norm.
+
+    ``guard`` (if given) sees ``{"loss": ...}`` before the backward pass and ``{"grad_norm":
+    ...}`` before the optimizer step, and may raise to stop (see ``train.guard``)."""
     model.train()
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -335,9 +356,13 @@ def train_step(
         text_loss = model.loss(text_batch, model(text_batch))["text_loss"]
         loss = loss + text_only_weight * text_loss
         extra["text_only_loss"] = float(text_loss.detach())
+    if guard is not None:
+        guard({"loss": loss.detach()})
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if guard is not None:
+        guard({"grad_norm": norm})
     optimizer.step()
     return {**_floats(parts), **extra, "grad_norm": float(norm)}
 
@@ -371,6 +396,13 @@ def _save_checkpoint(
         optimizer=opt,
         write_weights=lambda path: save_moshi(model, path),
     )
+
+
+def _guard(step: int, ids: Callable[[], list[str]], out: Path, values: dict[str, Any]) -> None:
+    """``check_finite`` for the speech LM (the batch's ids are only looked up on failure)."""
+    if all(math.isfinite(float(v)) for v in values.values()):
+        return
+    check_finite("speech LM pretraining", step, values, ids(), out)
 
 
 def load_speech_lm(cfg: LabConfig) -> MoshiLM:
@@ -457,7 +489,12 @@ def pretrain_speech(
             batch = batch_for_step(train, tcfg, step)
             tb = text_batch_for_step(corpus, tcfg, step) if corpus is not None else None
             lr = lr_at(step, tcfg)
-            parts = train_step(model, opt, batch, lr, tcfg.grad_clip, tb, tcfg.text_only_weight)
+            guard = functools.partial(
+                _guard, step + 1, lambda s=step: batch_ids_for_step(train, tcfg, s, corpus), out
+            )
+            parts = train_step(
+                model, opt, batch, lr, tcfg.grad_clip, tb, tcfg.text_only_weight, guard
+            )
             dt = time.time() - t0
             step += 1
             recent = (recent + [parts])[-20:]

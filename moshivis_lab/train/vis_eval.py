@@ -103,6 +103,15 @@ def text_replies(
     Prompts of equal token length share a batch so nothing is padded; each batch's image K/V
     are computed once and reused for every decoded token.
     """
+    empty = [i for i, p in enumerate(prompts) if not str(p).strip()]
+    if empty:
+        raise ValueError(
+            f"prompts {empty[:8]} are empty: there is no question to answer; drop them or write one"
+        )
+    if image_tokens is not None and len(image_tokens) != len(prompts):
+        raise ValueError(
+            f"{len(prompts)} prompts but {len(image_tokens)} images: give one image per prompt"
+        )
     enc = [tokenizer.encode(p) for p in prompts]
     replies = [""] * len(prompts)
     by_len: dict[int, list[int]] = defaultdict(list)

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from moshivis_lab.config import _check, _positive
+from moshivis_lab.config import _check, _check_types, _positive
 
 # PIL resampling filters by name (the paper squares images with a bicubic resize).
 RESAMPLE_NAMES: tuple[str, ...] = ("bicubic", "bilinear", "lanczos", "nearest")
@@ -53,6 +53,7 @@ class VisionConfig:
     resample: str = "bicubic"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
         object.__setattr__(self, "image_std", tuple(float(x) for x in self.image_std))
         _positive(

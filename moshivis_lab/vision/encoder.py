@@ -115,6 +115,13 @@ def _prefixed_shapes(
         try:
             handle = safe_open(str(f), framework="pt", device="cpu")
         except Exception as e:  # safetensors raises its own error type
+            with open(f, "rb") as fh:
+                head = fh.read(2)
+            if head == b"PK" or head[:1] == b"\x80":  # a zip (torch.save) or a raw pickle
+                raise ValueError(
+                    f"{f}: a pickle checkpoint under a .safetensors name is refused (loading it "
+                    "can run arbitrary code); convert it to .safetensors where you trust it"
+                ) from e
             raise ValueError(f"{f} is not a readable safetensors file ({e})") from e
         with handle as h:
             for k in h.keys():
@@ -161,6 +168,11 @@ def read_tower_state(
                 if not t.is_floating_point():
                     raise ValueError(
                         f"{f}: tensor {key} has dtype {t.dtype}, expected floats. Nothing was loaded."
+                    )
+                if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+                    raise ValueError(
+                        f"{f}: tensor {key} holds NaN or inf (saved from a diverged run?). "
+                        "Nothing was loaded."
                     )
                 state[name] = t if dtype is None else t.to(dtype)
     return state

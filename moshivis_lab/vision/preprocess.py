@@ -178,18 +178,35 @@ def array_to_rgb(arr: np.ndarray, background: Sequence[int] = WHITE) -> Image.Im
 
 
 def open_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image file fully (the file is closed on return)."""
+    """Open an image file fully (the file is closed on return).
+
+    Refused with a ``ValueError`` saying what to do: an empty file, a file PIL cannot identify, a
+    truncated or damaged file, and an image larger than PIL's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``, refused from its header, before any pixel is decoded).
+    """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such image file; check the path")
     if p.is_dir():
         raise ValueError(f"{p} is a directory; pass the path of one image file")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{p} is an empty file (0 bytes); pass a PNG/JPEG/... image file")
     try:
         with Image.open(p) as im:
             im.load()
             return im.copy()
     except UnidentifiedImageError as e:
         raise ValueError(f"{p} is not an image PIL can read ({e}); pass a PNG/JPEG/... file") from e
+    except Image.DecompressionBombError as e:
+        raise ValueError(
+            f"{p} is too large to decode safely ({e}); downscale the file first (e.g. "
+            "`convert big.png -resize 4096x4096 small.png`), or raise PIL.Image.MAX_IMAGE_PIXELS "
+            "if you trust it and have the memory"
+        ) from e
+    except (OSError, SyntaxError) as e:  # truncated or corrupt data (PIL raises both)
+        raise ValueError(
+            f"{p} is truncated or damaged ({e}); re-export or re-download the image"
+        ) from e
 
 
 def to_rgb(image: ImageLike, background: Sequence[int] = WHITE) -> Image.Image | np.ndarray:

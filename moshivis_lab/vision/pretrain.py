@@ -65,7 +65,8 @@ from moshivis_lab.artefacts import (
     trained_settings,
     write_json,
 )
-from moshivis_lab.config import TEXT_PAD_ID, LabConfig, _check, _positive
+from moshivis_lab.config import TEXT_PAD_ID, LabConfig, _check, _check_types, _positive
+from moshivis_lab.train.guard import check_finite
 from moshivis_lab.vision.config import VisionConfig
 from moshivis_lab.vision.encoder import ImageEncoder, _canonical
 from moshivis_lab.vision.preprocess import normalise, open_image, pil_to_rgb, resize_rgb
@@ -106,6 +107,7 @@ class VisionPretrainConfig:
     threads: int = 2
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive(
             self,
             "steps",
@@ -814,9 +816,12 @@ def _train(
                 model.logit_scale,
                 model.logit_bias,
             )
+            ids_of = [train.image_ids[int(i)] for i in idx]  # named if the loss is NaN / inf
+            check_finite("vision pretraining", step + 1, {"loss": loss.detach()}, ids_of, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            check_finite("vision pretraining", step + 1, {"grad_norm": norm}, ids_of, out)
             opt.step()
             dt = time.time() - t0
             step += 1

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
-from PIL import Image
 from plotly.subplots import make_subplots
 
 from moshivis_lab.config import ZERO_TOKEN
 from moshivis_lab.viz.style import finish
+from moshivis_lab.viz.style import rgb_array as _rgb
 
 ADAPTER_LOSS_PARTS = ("loss", "text_loss", "audio_loss")
 TEXT_LOSS_PARTS = ("speech_text_loss", "speechless_text_loss")
@@ -44,19 +44,6 @@ def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def _rgb(image: Any, what: str) -> np.ndarray:
-    """A PIL image or an ``HxWx3`` uint8 array as a uint8 ``HxWx3`` array."""
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    a = _np(image)
-    if a.ndim != 3 or a.shape[-1] != 3 or a.dtype != np.uint8 or 0 in a.shape:
-        raise ValueError(
-            f"{what} must be a PIL image or a non-empty HxWx3 uint8 array, got "
-            f"shape {a.shape} dtype {a.dtype}"
-        )
-    return a
 
 
 def _finite(v: Any) -> bool:

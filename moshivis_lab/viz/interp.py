@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
-from PIL import Image
 from plotly.subplots import make_subplots
 
 from moshivis_lab.interp.attention import upsample
 from moshivis_lab.viz.style import finish
+from moshivis_lab.viz.style import rgb_array as _rgb
 
 _IMAGE_TALK = "rgba(44, 160, 44, 0.15)"  # relevance 1
 _UNRELATED = "rgba(214, 39, 40, 0.10)"  # relevance 0
@@ -43,19 +43,6 @@ def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
     return np.asarray(x)
-
-
-def _rgb(image: Any, what: str = "image") -> np.ndarray:
-    """A PIL image or an ``HxWx3`` uint8 array as a uint8 ``HxWx3`` array."""
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    a = _np(image)
-    if a.ndim != 3 or a.shape[-1] != 3 or a.dtype != np.uint8 or 0 in a.shape:
-        raise ValueError(
-            f"{what} must be a PIL image or a non-empty HxWx3 uint8 array, got "
-            f"shape {a.shape} dtype {a.dtype}"
-        )
-    return a
 
 
 def _grid(weights: Any, what: str = "weights") -> np.ndarray:

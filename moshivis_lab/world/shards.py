@@ -250,13 +250,28 @@ def read_image_texts(cfg: LabConfig, split: str) -> list[formats.ImageText]:
     return out
 
 
+def _codec_key(cfg: LabConfig) -> str:
+    """``codec_stamp_key`` without the fit's ``report.json``: it holds timings, and an identical
+    codec must give the same shard key (and ``manifest.json``) from build to build."""
+    from moshivis_lab.audio.codecs import codec_stamp_key
+
+    if cfg.codec.kind == "mimi":
+        return codec_stamp_key(cfg)
+    files = [
+        p
+        for p in sorted(cfg.codec_dir.glob("*"))
+        if p.is_file() and not p.name.startswith(".") and p.name != "report.json"
+    ]
+    return config_hash([sha256_file(p) for p in files])
+
+
 def build_shards(cfg: LabConfig, progress: bool = True) -> dict:
     """Stage 6: tokenise every split into speech and text shards; write ``manifest.json``."""
-    from moshivis_lab.audio.codecs import codec_stamp_key, load_codec
+    from moshivis_lab.audio.codecs import load_codec
 
     tok = TextTokenizer.load(cfg.tokenizer_path)
     key = config_hash(
-        cfg.world, cfg.codec, cfg.tokenizer, codec_stamp_key(cfg), sha256_file(cfg.tokenizer_path)
+        cfg.world, cfg.codec, cfg.tokenizer, _codec_key(cfg), sha256_file(cfg.tokenizer_path)
     )
     stage = Stage(cfg.shards_dir, "shards", key)
     if stage.done:

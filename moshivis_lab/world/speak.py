@@ -66,14 +66,20 @@ def _speak_chunk(jobs: list[tuple[str, int, dict]], cfg: LabConfig) -> list[dict
     return [_speak_job(j, cfg) for j in jobs]
 
 
+# Bumped when the synthesis changes the audio (2: every utterance from a pristine espeak-ng), so
+# that a world spoken by the older code is rebuilt instead of reused.
+TTS_VERSION = 2
+
+
 def build_speech(cfg: LabConfig, progress: bool = True, chunk: int = 25) -> dict:
     """Stage 3: every spoken image dialogue and every chit-chat dialogue as stereo wav + JSON.
 
-    All speech is synthesized by ONE freshly spawned process in a fixed order: espeak-ng's output
-    depends on what the process spoke before (see ``world.speech``), so this is what makes the
-    wav files identical from run to run. TTS is ~1000x real time, so one process is enough.
+    Every utterance is synthesized from a pristine espeak-ng (``world.speech.synthesize``), so
+    the wav files are identical from run to run whatever the process, the order or the number
+    of workers: ``cfg.workers`` spawned processes share the dialogues in chunks.
     """
-    stage = Stage(cfg.world_dir, "speech", config_hash(cfg.world, ASSISTANT_VOICE.__dict__))
+    key = config_hash(cfg.world, ASSISTANT_VOICE.__dict__, {"tts": TTS_VERSION})
+    stage = Stage(cfg.world_dir, "speech", key)
     if stage.done:
         return stage.info()
     t0 = time.time()
@@ -88,14 +94,14 @@ def build_speech(cfg: LabConfig, progress: bool = True, chunk: int = 25) -> dict
     total_s = 0.0
     bar = tqdm(total=total, desc="speech", disable=not progress, unit="dlg", dynamic_ncols=True)
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as ex:
         for split, jobs in jobs_by_split.items():
             futures = [
                 ex.submit(_speak_chunk, jobs[k : k + chunk], cfg)
                 for k in range(0, len(jobs), chunk)
             ]
             out: list[dict] = []
-            for f in futures:  # one worker runs them in submission order
+            for f in futures:  # results in submission order
                 res = f.result()
                 out += res
                 bar.update(len(res))

@@ -3,15 +3,18 @@
 Word timings come from the synthesizer's own WORD events (sample-exact start positions); word
 ends are where the energy falls before the next word. Output is mono float32 at 24 kHz.
 
-Reproducibility: espeak-ng carries its glottal-pulse phase from one utterance to the next, so an
-utterance's samples (and its length, by up to ~1 %) depend on what the process synthesized
-before; re-initialising does not reset it. The same sequence of calls in a fresh process gives
-identical audio, which is how the world build stays bit-reproducible (one fresh process speaks
-every dialogue in a fixed order, see ``world.speak``).
+Reproducibility: espeak-ng carries its glottal-pulse phase (and other static state) from one
+utterance to the next, so an utterance's samples (and its length, by up to ~1 %) would depend on
+what the process synthesized before; ``espeak_Initialize`` again does not reset it. So every
+``synthesize`` call speaks from a pristine library: the shared object is unloaded (``dlclose``)
+and loaded again first (about 0.5 ms, plus the voice's ~1 ms set-up). An utterance is then a
+function of its text and voice only, in any process and in any order (the world build, the
+codec fit, the evaluation's spoken questions, a notebook).
 """
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import re
 import threading
@@ -222,6 +225,7 @@ class _Engine:
 
 
 _ENGINE: _Engine | None = None
+_ENGINE_LOCK = threading.Lock()
 _WORD_RE = re.compile(r"\S+")
 
 
@@ -230,6 +234,17 @@ def _engine() -> _Engine:
     if _ENGINE is None:
         _ENGINE = _Engine()
     return _ENGINE
+
+
+def _fresh_engine() -> _Engine:
+    """An espeak-ng with no history: the library is terminated, unloaded and loaded again, so the
+    next utterance sounds as in a fresh process (call with ``_ENGINE_LOCK`` held)."""
+    global _ENGINE
+    if _ENGINE is not None:
+        old, _ENGINE = _ENGINE, None
+        old.lib.espeak_Terminate()
+        _ctypes.dlclose(old.lib._handle)
+    return _engine()
 
 
 def _word_spans(text: str) -> list[tuple[int, int, str]]:
@@ -262,9 +277,10 @@ def synthesize(
     text = " ".join(text.split())
     if not text:
         raise ValueError("text is empty: there is nothing to speak")
-    eng = _engine()
-    pcm, events, phone_events = eng.synth(text, voice)
-    native = eng.native_rate
+    with _ENGINE_LOCK:  # a pristine library per utterance: see the module docstring
+        eng = _fresh_engine()
+        pcm, events, phone_events = eng.synth(text, voice)
+        native = eng.native_rate
     wav = resample(pcm.astype(np.float32) / 32768.0, native, sample_rate)
     spans = _word_spans(text)
     starts: dict[int, int] = {}

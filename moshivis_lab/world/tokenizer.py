@@ -48,11 +48,26 @@ class TextTokenizer:
         return int(self.sp.get_piece_size())
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no BOS/EOS). Empty or whitespace-only text gives []."""
+        """Token ids of ``text`` (no BOS/EOS). Empty or whitespace-only text gives [].
+
+        Characters the vocabulary cannot spell (no piece, no byte fallback) are refused: their
+        ``<unk>`` id is Moshi's EPAD (0), so encoding them would silently put end-of-padding
+        tokens in the text stream. The tiny tokenizer has byte fallback and spells anything.
+        """
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
         text = " ".join(text.split())
-        return list(self.sp.encode(text)) if text else []
+        ids = list(self.sp.encode(text)) if text else []
+        if self.epad_id in ids and self.sp.is_unknown(self.epad_id):
+            unknown = sorted(
+                {ch for ch in text if not ch.isspace() and self.epad_id in self.sp.encode(ch)}
+            )
+            raise ValueError(
+                f"{self.source}: the tokenizer has no piece for {len(unknown)} character(s) "
+                f"{unknown[:20]} (they would encode as <unk>, which Moshi reads as EPAD); "
+                "remove or transliterate them, or use a tokenizer trained with byte_fallback"
+            )
+        return ids
 
     def encode_word(self, word: str) -> list[int]:
         """Token ids of a single word as it appears mid-sentence (leading word boundary)."""
