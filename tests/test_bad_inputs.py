@@ -1129,7 +1129,11 @@ def test_load_trainable_lists_mismatches(vis, tmp_path) -> None:
 
 
 LOAD_TRAINABLE_CASES: tuple[tuple[str, Any, str], ...] = (
-    ("missing file", lambda m, d: d / "absent.safetensors", "no such|not found|missing|no checkpoint file"),
+    (
+        "missing file",
+        lambda m, d: d / "absent.safetensors",
+        "no such|not found|missing|no checkpoint file",
+    ),
     ("pickle", lambda m, d: _pickle(m, d / "t.safetensors"), "pickle"),
     (
         "NaN",
