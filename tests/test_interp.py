@@ -232,7 +232,7 @@ def test_integrated_gradients_are_complete_and_compared_with_attention(trained, 
     it, codes, steps, img = question
     target = T.target_of(tok, it.question, it.answer)
     assert target.step == steps[0] and target.token == codes[0, steps[0]]
-    a = T.attribute_image(model, target, img, kind="image_tokens", n_steps=64)
+    a = T.attribute_image(model, target, img, kind="image_tokens", n_steps=256)
     assert a.values.shape == tuple(img.shape[1:])
     assert a.gap < 0.05, (a.gap, a.f_input, a.f_baseline, a.delta)
     assert a.total == pytest.approx(

@@ -304,7 +304,11 @@ def synthesize(
         wav = wav[: min(len(wav), int((words[-1].end + 0.05) * sample_rate))]
     wav = np.clip(wav, -1.0, 1.0)  # a few voices overshoot full scale by < 1 % after resampling
     phonemes = [
-        (round(sample * ratio / sample_rate, 4), name.replace("'", "").replace(",", "") or "_")
+        # rounded down to 0.1 ms, so an event at the last sample stays inside the wav
+        (
+            int(sample * ratio / sample_rate * 1e4) / 1e4,
+            name.replace("'", "").replace(",", "") or "_",
+        )
         for sample, name in phone_events
         if sample * ratio < len(wav)
     ]
