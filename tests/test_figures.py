@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +203,11 @@ def test_no_browser_writes_html_and_the_hint(tmp_path, monkeypatch):
     assert res["png"] is None and res["svg"] is None
     assert Path(res["html"]).stat().st_size > 1000
     assert BROWSER_HINT in res["error"] and BROWSER_HINT in E.no_browser_message()
+    # atomic writes (mkstemp is 0600) still leave figures readable by others: the umask mode
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in (res["html"], tmp_path / "plotly.min.js"):
+        assert stat.S_IMODE(Path(f).stat().st_mode) == 0o666 & ~mask, f
     with pytest.raises(ValueError, match="plain file stem"):
         E.write_figure(go.Figure(), tmp_path, "../x")
 

@@ -101,14 +101,6 @@ def export_session() -> Iterator[str | None]:
             _SESSION["started"] = False
 
 
-def _readable(path: Path) -> None:
-    """Atomic writes come out 0600 (mkstemp); figures are meant to be shared: 0644 less umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    with contextlib.suppress(OSError):
-        path.chmod(0o644 & ~mask)
-
-
 def write_plotlyjs(out_dir: str | os.PathLike[str]) -> Path:
     """Write the installed plotly.js as ``out_dir/plotly.min.js`` (kept when already the same)."""
     from plotly.offline import get_plotlyjs
@@ -118,7 +110,6 @@ def write_plotlyjs(out_dir: str | os.PathLike[str]) -> Path:
     if not path.exists() or path.stat().st_size != len(js):
         with atomic_open(path, "wb") as f:
             f.write(js)
-        _readable(path)
     return path
 
 
@@ -167,7 +158,6 @@ def write_figure(
         f.write(fig.to_html(include_plotlyjs=True if embed else "directory", full_html=True))
     if not embed:
         write_plotlyjs(out)
-    _readable(html)
     res["html"] = str(html)
     errors = []
     browser = find_browser() if formats else None
@@ -185,7 +175,6 @@ def write_figure(
             path = out / f"{name}.{fmt}"
             with atomic_open(path, "wb") as f:
                 f.write(data)
-            _readable(path)
             res[fmt] = str(path)
     res["seconds"] = round(time.perf_counter() - t0, 3)
     res["error"] = "; ".join(errors) or None
