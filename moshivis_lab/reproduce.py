@@ -177,7 +177,23 @@ class Reproduction:
         report = pretrain_vision(self.cfg, vt, vc, progress=self.progress)
         while not report.get("finished", True):
             report = pretrain_vision(self.cfg, vt, vc, progress=self.progress)
+        self.vision_probes()
         return report
+
+    def vision_probes(self) -> dict[str, Any]:
+        """Linear probes of the frozen encoder's tokens per object attribute (``vision.probe``)."""
+        from moshivis_lab.vision.pretrain import STAGE_NAME, vision_dir
+        from moshivis_lab.vision.probe import probe_encoder, probes_path
+
+        key = _stamp_key(vision_dir(self.cfg) / f".{STAGE_NAME}.done.json")
+        out = probes_path(self.cfg)
+        return _evaluated(
+            self.cfg,
+            "vision_probes",
+            (key,),
+            out,
+            lambda: probe_encoder(self.cfg, out_path=out, progress=self.progress),
+        )
 
     def speech_lm(self) -> dict[str, Any]:
         from moshivis_lab.train.pretrain import PretrainConfig, pretrain_speech

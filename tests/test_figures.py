@@ -170,6 +170,18 @@ def artefacts(tmp_path):
         },
     )
     _write(root, "figures/latency.json", LATENCY)
+    _write(
+        root,
+        "vision/report.json",
+        {
+            "retrieval": {
+                "val": {"caption": {"top1": 0.69, "chance_top1": 0.004, "n_images": 249}}
+            },
+            "encoder": {"tokens": 81, "hidden_size": 160},
+        },
+    )
+    probe = {"accuracy": 0.197, "majority": 0.128, "classes": 8, "n_test": 1829}
+    _write(root, "vision/probes.json", {"probes": {"shape": probe}})
     return cfg
 
 
@@ -335,6 +347,8 @@ def test_report_has_our_numbers_beside_the_papers_and_the_figures(artefacts, tmp
     assert "403,456 | 206,184,448" in md
     assert "0.612" in md and "43.2 %" in md and "0.451" in md  # interp report
     assert "x1.234 | x1.15" in md  # latency at 1024 tokens vs the paper
+    assert "| image-to-caption top-1, val | 69.0 % |" in md
+    assert "| linear probe of the tokens: object shape | 19.7 % | - | majority 12.8 %" in md
     assert "0.980 / 0.740 / 0.994" in md  # prosody after
     assert "| per-layer gate, shared QKV (default) |" in md and "68.2 / 64.7" in md
     assert "_Not built:" in md and "speech_eval" in md  # eval_val.json is missing

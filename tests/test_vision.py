@@ -522,3 +522,63 @@ def test_cli_has_the_pretrain_vision_command():
     assert res.exit_code == 0, res.output
     for opt in ("--preset", "--data-dir", "--steps", "--minutes", "--threads", "--overwrite"):
         assert opt in res.output
+
+
+# ------------------------------------------------------------------ linear probes of the tokens
+
+
+def test_cell_index_assigns_tokens_to_the_worlds_cells():
+    from moshivis_lab.vision.probe import cell_features, cell_index
+
+    nine = cell_index(9).reshape(9, 9)
+    assert (nine[:3, :3] == 0).all() and (nine[3:6, 6:] == 5).all() and (nine[6:, 6:] == 8).all()
+    eight = cell_index(8)  # the smoke grid: every cell gets tokens, assigned by their centres
+    assert sorted(set(eight.tolist())) == list(range(9))
+    tokens = torch.arange(2 * 81 * 1, dtype=torch.float32).reshape(2, 81, 1)
+    f = cell_features(tokens)
+    assert f.shape == (2, 9, 1)
+    assert f[0, 0, 0] == pytest.approx(np.mean([0, 1, 2, 9, 10, 11, 18, 19, 20]))
+    with pytest.raises(ValueError, match="too coarse"):
+        cell_features(torch.zeros(1, 4, 3))
+    with pytest.raises(ValueError, match="square grid"):
+        cell_features(torch.zeros(1, 80, 3))
+
+
+def test_attribute_probes_find_what_the_tokens_encode_and_not_what_they_do_not():
+    from types import SimpleNamespace
+
+    from moshivis_lab.vision.probe import attribute_probes
+
+    rng = np.random.default_rng(0)
+    colours, shapes = ["red", "green", "blue", "pink"], ["circle", "star", "cross", "heart"]
+    scenes, tokens = [], np.zeros((400, 81, 8), np.float32)
+    for n in range(400):
+        objs = []
+        for cell in [(int(rng.integers(3)), int(rng.integers(3)))]:
+            c, s = int(rng.integers(4)), int(rng.integers(4))
+            objs.append(
+                SimpleNamespace(cell=cell, colour=colours[c], shape=shapes[s], size="small")
+            )
+            grid = tokens[n].reshape(9, 9, 8)
+            grid[3 * cell[0] : 3 * cell[0] + 3, 3 * cell[1] : 3 * cell[1] + 3, c] = 1.0
+        tokens[n] += 0.05 * rng.standard_normal(tokens[n].shape).astype(np.float32)
+        scenes.append(SimpleNamespace(objects=objs, word=None, word_cells=None))
+    rep = attribute_probes(tokens, scenes)
+    assert rep["colour"]["accuracy"] > 0.95 and rep["colour"]["n_test"] == 80
+    assert rep["shape"]["accuracy"] < 0.5  # chance is 0.25: the tokens say nothing of shape
+    assert rep["size"]["accuracy"] is None and rep["word"]["accuracy"] is None  # one class / none
+    with pytest.raises(ValueError, match="token rows"):
+        attribute_probes(tokens[:10], scenes)
+
+
+def test_probe_encoder_on_the_smoke_encoder(smoke_pretrained, tmp_path):
+    from moshivis_lab.artefacts import read_json
+    from moshivis_lab.vision.probe import probe_encoder
+
+    cfg = smoke_pretrained
+    out = tmp_path / "probes.json"
+    rep = probe_encoder(cfg, out_path=out, cache=False, progress=False)  # the world: read only
+    assert read_json(out) == rep
+    assert set(rep["probes"]) == {"colour", "shape", "size", "word"}
+    col = rep["probes"]["colour"]
+    assert col["n_train"] > 0 and col["n_test"] > 0 and 0.0 <= col["accuracy"] <= 1.0

@@ -124,6 +124,24 @@ def test_retrieval_figure() -> None:
         retrieval_figure({})
 
 
+def test_probe_figure() -> None:
+    from moshivis_lab.viz.adapters import probe_figure
+
+    probes = {
+        "colour": {"accuracy": 0.93, "majority": 0.10, "classes": 10, "n_test": 50},
+        "shape": {"accuracy": 0.2, "majority": 0.13, "classes": 8, "n_test": 50},
+        "word": {"accuracy": None, "why": "too few samples or classes", "classes": 1},
+    }
+    fig = probe_figure({"probes": probes})
+    bar = next(t for t in fig.data if t.type == "bar")
+    assert list(bar.y) == [0.93, 0.2] and list(fig.layout.xaxis.ticktext) == ["colour", "shape"]
+    ticks = next(t for t in fig.data if t.type == "scatter")
+    assert [y for y in ticks.y if y is not None] == [0.10, 0.10, 0.13, 0.13]
+    assert len(probe_figure(probes).data) == 2
+    with pytest.raises(ValueError, match="probe"):
+        probe_figure({"probes": {"word": probes["word"]}})
+
+
 # ---------------------------------------------------------------- the adapters
 
 

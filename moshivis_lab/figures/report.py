@@ -116,6 +116,19 @@ def _vision(src: Sources) -> list[Row]:
                     f"chance {_pct(c.get('chance_top1'))}, {c.get('n_images')} images",
                 )
             )
+    if src.has("vision/probes.json"):  # linear probes of the frozen tokens (vision.probe)
+        probes = src.json("vision/probes.json", "vision").get("probes", {})
+        for attr, p in probes.items():
+            if p.get("accuracy") is not None:
+                rows.append(
+                    (
+                        f"linear probe of the tokens: object {attr}",
+                        _pct(p["accuracy"]),
+                        "-",
+                        f"majority {_pct(p.get('majority'))}, {p.get('classes')} classes, "
+                        f"{p.get('n_test')} held-out",
+                    )
+                )
     enc = rep.get("encoder", {})
     rows.append(
         (

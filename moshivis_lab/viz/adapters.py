@@ -360,6 +360,50 @@ def retrieval_figure(vision_report: Mapping[str, Any]) -> go.Figure:
     return finish(fig, height=360, title="tiny SigLIP: image-to-text retrieval beside chance")
 
 
+def probe_figure(probe_report: Mapping[str, Any]) -> go.Figure:
+    """Held-out linear-probe accuracy per object attribute (bars) beside the majority rate
+    (black ticks): what the frozen image tokens of a cell say about the object drawn in it.
+
+    ``probe_report``: ``vision.probe.probe_encoder``'s report, or its ``probes`` dict. An
+    attribute without an accuracy (too few samples) is left out.
+    """
+    probes = probe_report.get("probes", probe_report)
+    have = [
+        a for a, p in probes.items() if isinstance(p, Mapping) and p.get("accuracy") is not None
+    ]
+    if not have:
+        raise ValueError("no probe accuracies: pass vision.probe.probe_encoder's report")
+    xs = list(range(len(have)))
+    fig = go.Figure()
+    fig.add_trace(
+        go.Bar(
+            x=xs,
+            y=[probes[a]["accuracy"] for a in have],
+            width=0.6,
+            name="probe accuracy (held-out images)",
+            marker_color=_PALETTE[0],
+            customdata=[[probes[a].get("classes"), probes[a].get("n_test")] for a in have],
+            hovertemplate=(
+                "%{y:.3f} over %{customdata[0]} classes, %{customdata[1]} held-out<extra></extra>"
+            ),
+        )
+    )
+    cx, cy = _segments(xs, 0.3, [probes[a].get("majority") for a in have])
+    fig.add_trace(
+        go.Scatter(
+            x=cx,
+            y=cy,
+            mode="lines",
+            name="majority class",
+            line={"color": "black", "width": 3},
+            hoverinfo="skip",
+        )
+    )
+    fig.update_xaxes(tickvals=xs, ticktext=have, range=[-0.6, len(have) - 0.4])
+    fig.update_yaxes(range=[0, 1.02], title_text="accuracy")
+    return finish(fig, height=340, title="what the frozen image tokens encode (linear probes)")
+
+
 # ---------------------------------------------------------------------- the adapters
 
 
