@@ -224,3 +224,59 @@ def test_text_only_batches_are_dialogue_text_with_zero_audio(world: LabConfig) -
     assert (b[:, 1:] == ZERO_TOKEN).all()
     assert (b[:, 0, 0] >= 0).all()  # every row starts with a real token
     assert torch.equal(b, text_batch_for_step(corpus, tcfg, 0))
+
+
+def test_qa_turn_starts_are_the_users_checkable_questions() -> None:
+    from moshivis_lab.train.pretrain import qa_turn_starts
+
+    meta = {
+        "qa": [
+            {"question": "What is two plus two?", "asker": "user", "topic": "arithmetic"},
+            {"question": "What colour is the star?", "asker": "user", "topic": "image"},
+            {"question": "What is my name?", "asker": "assistant", "topic": "greetings"},
+        ],
+        "turns": [
+            {"speaker": "user", "text": "Hi there.", "start_frame": 2},
+            {"speaker": "user", "text": "what is two plus two", "start_frame": 40},
+            {"speaker": "user", "text": "What colour is the star?", "start_frame": 80},
+            {"speaker": "assistant", "text": "What is my name?", "start_frame": 90},
+        ],
+    }
+    assert qa_turn_starts(meta) == [40]  # not the image question, not the assistant's
+    assert qa_turn_starts({"turns": meta["turns"]}) == []
+
+
+def test_qa_crops_and_chat_text_follow_their_shares(world: LabConfig) -> None:
+    from moshivis_lab.train.pretrain import (
+        TextCorpus,
+        batch_for_step,
+        batch_ids_for_step,
+        qa_index,
+        sample_batch,
+    )
+
+    train = load_split(world, "train")["speech"]
+    qa = qa_index(train)
+    assert qa, "the smoke world has chit-chat questions"
+    rng = np.random.default_rng(0)
+    b = sample_batch(train, 6, 16, rng, p_turn_crop=0.0, p_qa_crop=1.0, qa=qa)
+    assert b.shape == (6, 17, 16)
+    tcfg = _tcfg(p_qa_crop=1.0, seq_len=16)
+    ids = batch_ids_for_step(train, tcfg, 3, qa=qa)
+    qa_ids = {train.meta[i]["id"] for i, _ in qa}
+    assert len(ids) == tcfg.batch_size and set(ids) <= qa_ids
+    assert torch.equal(batch_for_step(train, tcfg, 3, qa), batch_for_step(train, tcfg, 3))
+    # a crop of a question's dialogue starts 0-8 frames before one of its questions
+    for i, starts in qa:
+        frames = np.broadcast_to(
+            np.arange(train.tokens(i).shape[1]), (17, train.tokens(i).shape[1])
+        )
+        if frames.shape[1] > 16 + max(starts):
+            first = int(crop_grid(frames, 16, rng, starts)[0, 0])
+            assert any(0 <= s - first <= 8 for s in starts)
+    corpus = TextCorpus(world, "train")
+    assert corpus.chat and set(corpus.picks(20, np.random.default_rng(1), 1.0)) <= set(corpus.chat)
+    with pytest.raises(ValueError, match="p_qa_crop"):
+        _tcfg(p_qa_crop=1.5)
+    with pytest.raises(ValueError, match="chat_text_share"):
+        _tcfg(chat_text_share=-0.1)
