@@ -1,6 +1,6 @@
 """``make reproduce``: the whole pipeline, stage by stage, resumable, timed, ending in figures.
 
-world data -> image encoder -> speech LM (+ its evaluation) -> adapters (+ evaluation) ->
+world data -> image encoder (+ linear probes of its tokens) -> speech LM (+ its evaluation) -> adapters (+ evaluation) ->
 reduced ablations (gating x sharing, p_audio sweep) -> interpretability report -> prosody ->
 paper figures and ``REPORT.md``. Every stage is skipped when its artefacts are there and were
 made from the same inputs and settings (the trainers' own stamps; the evaluations are stamped
@@ -25,6 +25,7 @@ from moshivis_lab.config import LabConfig, _check, _check_types
 STAGES = (
     "data",
     "vision",
+    "vision_probes",
     "speech_lm",
     "speech_eval",
     "adapters",
@@ -177,7 +178,6 @@ class Reproduction:
         report = pretrain_vision(self.cfg, vt, vc, progress=self.progress)
         while not report.get("finished", True):
             report = pretrain_vision(self.cfg, vt, vc, progress=self.progress)
-        self.vision_probes()
         return report
 
     def vision_probes(self) -> dict[str, Any]:

@@ -50,9 +50,17 @@ def test_reproduce_runs_then_resumes(smoke_pretrained, tmp_path) -> None:
     lines: list[str] = []
     t1 = reproduce(cfg, stages=stages, progress=False, log=lines.append)
     built = {k for k, v in t1["stages"].items() if v["built"]}
-    # data, encoder and speech LM came with the copy; everything after them is built now, and
-    # the vision stage probes the copied encoder's tokens (its stamp lives under reproduce/)
-    assert built == {"vision", "speech_eval", "adapters", "eval", "ablations", "interp", "prosody"}
+    # data, encoder and speech LM came with the copy; everything after them is built now,
+    # including the linear probes of the copied encoder's tokens
+    assert built == {
+        "vision_probes",
+        "speech_eval",
+        "adapters",
+        "eval",
+        "ablations",
+        "interp",
+        "prosody",
+    }
     root = tmp_path / "smoke"
     for rel in (
         "speech_lm/eval_val.json",
