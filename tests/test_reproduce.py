@@ -52,15 +52,8 @@ def test_reproduce_runs_then_resumes(smoke_pretrained, tmp_path) -> None:
     built = {k for k, v in t1["stages"].items() if v["built"]}
     # data, encoder and speech LM came with the copy; everything after them is built now,
     # including the linear probes of the copied encoder's tokens
-    assert built == {
-        "vision_probes",
-        "speech_eval",
-        "adapters",
-        "eval",
-        "ablations",
-        "interp",
-        "prosody",
-    }
+    assert built == set(stages) - {"data", "vision", "speech_lm"}
+    assert "vision_probes" in built
     root = tmp_path / "smoke"
     for rel in (
         "speech_lm/eval_val.json",

@@ -78,6 +78,23 @@ def _segments(centres: Sequence[float], half: float, ys: Sequence[float | None])
     return xs, out
 
 
+def _level_ticks(
+    centres: Sequence[float], half: float, ys: Sequence[float | None], name: str, show: bool
+) -> go.Scatter:
+    """Black horizontal ticks at ``ys`` over bars centred at ``centres`` (chance, majority)."""
+    xs, out = _segments(centres, half, ys)
+    return go.Scatter(
+        x=xs,
+        y=out,
+        mode="lines",
+        name=name,
+        legendgroup=name,
+        showlegend=show,
+        line={"color": "black", "width": 3},
+        hoverinfo="skip",
+    )
+
+
 def _metric_rows(metrics: Sequence[Any]) -> list[dict]:
     return [m for m in metrics if isinstance(m, dict) and "step" in m and "split" in m]
 
@@ -333,20 +350,9 @@ def retrieval_figure(vision_report: Mapping[str, Any]) -> go.Figure:
                 row=1,
                 col=c,
             )
-            cx, cy = _segments(xs, width / 2, [ret[s][probe].get(f"chance_{top}") for s in have])
+            chance = [ret[s][probe].get(f"chance_{top}") for s in have]
             fig.add_trace(
-                go.Scatter(
-                    x=cx,
-                    y=cy,
-                    mode="lines",
-                    name="chance",
-                    legendgroup="chance",
-                    showlegend=c == 1 and j == 0,
-                    line={"color": "black", "width": 3},
-                    hoverinfo="skip",
-                ),
-                row=1,
-                col=c,
+                _level_ticks(xs, width / 2, chance, "chance", c == 1 and j == 0), row=1, col=c
             )
         fig.update_xaxes(
             tickvals=list(range(len(have))),
@@ -388,17 +394,8 @@ def probe_figure(probe_report: Mapping[str, Any]) -> go.Figure:
             ),
         )
     )
-    cx, cy = _segments(xs, 0.3, [probes[a].get("majority") for a in have])
-    fig.add_trace(
-        go.Scatter(
-            x=cx,
-            y=cy,
-            mode="lines",
-            name="majority class",
-            line={"color": "black", "width": 3},
-            hoverinfo="skip",
-        )
-    )
+    majority = [probes[a].get("majority") for a in have]
+    fig.add_trace(_level_ticks(xs, 0.3, majority, "majority class", True))
     fig.update_xaxes(tickvals=xs, ticktext=have, range=[-0.6, len(have) - 0.4])
     fig.update_yaxes(range=[0, 1.02], title_text="accuracy")
     return finish(fig, height=340, title="what the frozen image tokens encode (linear probes)")
