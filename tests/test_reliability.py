@@ -423,9 +423,9 @@ def test_nan_loss_stops_speech_lm_pretraining(smoke_world, tmp_path, monkeypatch
     now = {"step": -1}
     real_batch, real_loss = P.batch_for_step, MoshiLM.loss
 
-    def batch(reader, tcfg, step):
+    def batch(reader, tcfg, step, qa=None):
         now["step"] = step
-        return real_batch(reader, tcfg, step)
+        return real_batch(reader, tcfg, step, qa)
 
     def loss(self, *a, **kw):
         parts = real_loss(self, *a, **kw)

@@ -157,11 +157,15 @@ class PretrainConfig:
 
     @classmethod
     def smoke(cls) -> PretrainConfig:
-        """A few seconds of training for tests and notebook CI."""
+        """A few seconds of training for tests and notebook CI. No question crops: a 32-frame
+        crop that starts at a question holds only the user speaking, and six such steps teach
+        the model that its own channel is silence (every generated code the same)."""
         return cls(
             steps=6,
             batch_size=2,
             seq_len=32,
+            p_qa_crop=0.0,
+            chat_text_share=0.0,
             text_batch_size=2,
             text_len=32,
             lr=3e-3,
@@ -305,6 +309,15 @@ def sample_batch(
     answer (``qa``: ``qa_index(reader)``, computed when not given); otherwise, with probability
     ``p_turn_crop``, just before any user turn (see ``crop_grid``); else anywhere.
     """
+    if p_qa_crop <= 0:  # the plain mix, drawn in its original order (the same batches as before)
+        if len(reader) == 0:
+            raise ValueError(f"{reader.path}: the speech shard is empty; nothing to train on")
+        crops = []
+        for i in rng.integers(0, len(reader), size=batch_size):
+            turn = p_turn_crop > 0 and rng.random() < p_turn_crop
+            starts = user_turn_starts(reader.meta[int(i)]) if turn else None
+            crops.append(crop_grid(reader.tokens(int(i)), seq_len, rng, starts))
+        return torch.from_numpy(np.stack(crops))
     plan = _crop_plan(reader, batch_size, rng, p_turn_crop, p_qa_crop, qa)
     crops = [crop_grid(reader.tokens(i), seq_len, rng, starts) for i, starts in plan]
     return torch.from_numpy(np.stack(crops))
@@ -330,8 +343,12 @@ def batch_ids_for_step(
     """The ids of the samples in ``batch_for_step(reader, tcfg, step)`` (the same draws), plus,
     with ``corpus``, its rows drawn by ``text_batch_for_step``."""
     rng = np.random.default_rng([tcfg.seed, step])
-    plan = _crop_plan(reader, tcfg.batch_size, rng, tcfg.p_turn_crop, tcfg.p_qa_crop, qa)
-    ids = [str(reader.meta[i].get("id") or f"speech[{i}]") for i, _ in plan]
+    if tcfg.p_qa_crop <= 0:  # sample_batch's plain mix draws the rows first
+        rows = [int(i) for i in rng.integers(0, len(reader), size=tcfg.batch_size)]
+    else:
+        plan = _crop_plan(reader, tcfg.batch_size, rng, tcfg.p_turn_crop, tcfg.p_qa_crop, qa)
+        rows = [i for i, _ in plan]
+    ids = [str(reader.meta[i].get("id") or f"speech[{i}]") for i in rows]
     if corpus is not None:
         rng = np.random.default_rng([tcfg.seed, step, 1])
         picks = corpus.picks(tcfg.text_batch_size, rng, tcfg.chat_text_share)
@@ -390,9 +407,11 @@ class TextCorpus:
     ) -> list[int]:
         """Rows of a batch: each a chit-chat transcript with probability ``chat_share``, else
         any sample."""
+        if not self.chat or chat_share <= 0:  # the plain draw (the same rows as before)
+            return [int(i) for i in rng.integers(0, len(self.samples), batch_size)]
         out = []
         for _ in range(batch_size):
-            if self.chat and chat_share > 0 and rng.random() < chat_share:
+            if rng.random() < chat_share:
                 out.append(self.chat[int(rng.integers(len(self.chat)))])
             else:
                 out.append(int(rng.integers(len(self.samples))))
