@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import moshivis_lab  # noqa: F401  (makes transformers' SigLIP importable)
 from moshivis_lab.vision import ImageEncoder, VisionConfig, count_parameters, preprocess
 from moshivis_lab.vision.preprocess import to_rgb, unnormalise
+from moshivis_lab.world.generate import load_scenes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -490,6 +491,60 @@ def test_pretrain_vision_smoke(smoke_world, tmp_path):
     assert again == json.loads((out / "report.json").read_text())
     with pytest.raises(ValueError, match="other settings .* overwrite=True"):
         pretrain_vision(cfg, tcfg.replace(seed=1), vc, out_dir=out, progress=False)
+
+
+def test_region_texts_and_batches(smoke_world, monkeypatch, tmp_path):
+    from moshivis_lab.vision import pretrain as vp
+    from moshivis_lab.vision.probe import cell_index
+
+    pairs = vp.load_pairs(smoke_world, "train")
+    sc = next(s for s in load_scenes(smoke_world)["train"] if s.objects)
+    o = sc.objects[0]
+    texts = vp.region_texts(o)
+    assert len(texts) == len(vp.REGION_KINDS) and texts[0].endswith(f" {o.shape}.")
+    assert texts[-1] == f"{texts[-1].split()[0]} {o.size} {o.colour} {o.shape}."
+    regs = vp.scene_regions(sc)
+    assert [r.cells for r in regs[: len(sc.objects)]] == [(tuple(x.cell),) for x in sc.objects]
+
+    tcfg = vp.VisionPretrainConfig.smoke()
+    side = 8
+    idx, _ = vp.batch_for_step(pairs, tcfg, 2)
+    pool, rtexts, labels = vp.region_batch(pairs, idx, tcfg, 2, side)
+    regions = [(b, r) for b, i in enumerate(idx) for r in pairs.regions[int(i)]]
+    assert pool.shape == (len(regions), len(idx) * side * side) and labels.shape == (
+        len(rtexts),
+        len(regions),
+    )
+    assert torch.allclose(pool.sum(1), torch.ones(len(regions)))
+    cells = cell_index(side)
+    for row, (b, reg) in zip(pool, regions, strict=True):
+        block = row.reshape(len(idx), side * side)
+        assert block[np.arange(len(idx)) != b].abs().sum() == 0  # only its own image's tokens
+        want = np.isin(cells, [r * 3 + c for r, c in reg.cells])
+        assert np.array_equal(block[b].numpy() > 0, want)  # exactly the tokens of its cells
+    assert (labels.sum(0) >= 1).all()  # every region's picked text is among the texts
+    for t, lab in zip(rtexts, labels, strict=True):  # "A star." is true of every star
+        assert lab.tolist() == [float(t in reg.texts) for _, reg in regions]
+    again = vp.region_batch(pairs, idx, tcfg, 2, side)
+    assert torch.equal(pool, again[0]) and rtexts == again[1]
+    # the shape-only kind alone: every text names a shape or a word, nothing else
+    only = tcfg.replace(region_mix=(1.0, 0.0, 0.0, 0.0))
+    _, t1, _ = vp.region_batch(pairs, idx, only, 2, side)
+    assert all(len(t.split()) == 2 or t.startswith("The word") for t in t1)
+    with pytest.raises(ValueError, match="region_mix"):
+        vp.VisionPretrainConfig(region_mix=(0.5, 0.5))
+    with pytest.raises(ValueError, match="region_weight"):
+        vp.VisionPretrainConfig(region_weight=-1.0)
+    # a world without scene graphs, or a grid too coarse for the cells: told what to do
+    tiny_vc = VisionConfig(name="c", image_size=16, patch_size=8, hidden_size=32, num_layers=1,
+                           num_heads=2, intermediate_size=64)  # fmt: skip
+    with pytest.raises(ValueError, match="2 x 2 token grid .* region_weight=0"):
+        vp.pretrain_vision(smoke_world, tcfg, tiny_vc, out_dir=tmp_path / "g", progress=False)
+    monkeypatch.setattr(vp, "_scene_index", lambda cfg, split: {})
+    with pytest.raises(ValueError, match="scene graphs.*region_weight=0"):
+        vp.pretrain_vision(smoke_world, tcfg, VisionConfig(name="x", image_size=32, patch_size=8,
+                           hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+                           out_dir=tmp_path / "s", progress=False)  # fmt: skip
 
 
 def test_pretrain_vision_resume_equals_straight_run(smoke_world, tmp_path):
