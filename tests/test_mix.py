@@ -92,3 +92,38 @@ def test_collate_pads_with_zero_token():
     assert (b.text_weight[0, 3:] == 0).all() and (b.relevance[0, 3:] == -1).all()
     with pytest.raises(ValueError, match="empty"):
         collate([])
+
+
+def test_packing_joins_items_of_the_same_image_within_text_len(smoke_world):
+    with pytest.raises(ValueError, match="pack_items"):
+        MixConfig(pack_items=0)
+    mix = MixConfig(p_audio=0.0, p_concat=0.0, text_len=96)
+    one = MixedData(smoke_world, "train", mix)
+    packed = MixedData(smoke_world, "train", mix.replace(pack_items=4))
+    grew = 0
+    for i in one.texts[:40]:
+        a = one.text_sample(i, np.random.default_rng(i), False)
+        b = packed.text_sample(i, np.random.default_rng(i), False)
+        assert a["image"] == b["image"] and b["codes"].shape[1] <= 96
+        n = a["codes"].shape[1]
+        # the item itself comes first, unchanged; what follows is other items of its image
+        assert (b["codes"][0, :n] == a["codes"][0]).all()
+        assert (b["text_weight"][:n] == a["text_weight"]).all()
+        if b["codes"].shape[1] > n:
+            grew += 1
+            image_id = one.text.meta[i]["image_id"]
+            rest = b["codes"][0, n:].tolist()
+            joined = [
+                t
+                for j in one.texts_of_image[image_id]
+                if j != i
+                for t in np.asarray(one.text.tokens(j))[0].tolist()
+            ]
+            assert set(rest) <= set(joined)
+            assert b["text_weight"][n:].sum() > 0  # the added items' answers are trained
+        assert (b["relevance"] == 1).all()
+    assert grew > 10
+    # one item per sample draws exactly the batches of before (no extra random numbers)
+    base = batch_for_step(one, 6, 0, 2)
+    again = batch_for_step(MixedData(smoke_world, "train", mix.replace(pack_items=1)), 6, 0, 2)
+    assert (base.codes == again.codes).all()

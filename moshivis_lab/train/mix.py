@@ -44,12 +44,19 @@ class MixConfig:
     speech_len: int = 160  # frames per speech sample (12.5 Hz: 160 = 12.8 s)
     text_len: int = 96  # tokens per speechless sample
     user_text_weight: float = 0.0  # loss weight of the user's tokens in speechless samples
+    pack_items: int = 1  # image-text items of one image joined into a speechless sample
 
     def __post_init__(self) -> None:
         _check_types(self)  # a value of the wrong kind fails here, the field named
         for n in ("p_audio", "p_concat"):
             v = getattr(self, n)
             _check(0.0 <= v <= 1.0, "MixConfig", n, f"must be a probability in [0, 1], got {v}")
+        _check(
+            self.pack_items >= 1,
+            "MixConfig",
+            "pack_items",
+            f"must be >= 1 (1: one item per sample), got {self.pack_items}",
+        )
         for n in ("speech_len", "text_len"):
             v = getattr(self, n)
             _check(v >= 8, "MixConfig", n, f"must be >= 8, got {v}")
@@ -106,6 +113,9 @@ class MixedData:
         self.spoken_image = [i for i, m in enumerate(self.speech.meta) if m.get("image_id")]
         self.spoken_chat = [i for i, m in enumerate(self.speech.meta) if not m.get("image_id")]
         self.texts = [i for i, m in enumerate(self.text.meta) if m.get("image_id")]
+        self.texts_of_image: dict[str, list[int]] = {}
+        for i in self.texts:
+            self.texts_of_image.setdefault(self.text.meta[i]["image_id"], []).append(i)
         self.chat_text: list[tuple[np.ndarray, np.ndarray]] = []
         for i in self.spoken_chat:
             ids: list[int] = []
@@ -153,6 +163,8 @@ class MixedData:
         """Speechless image-text sample ``i`` of the text shard (maybe with chit-chat glued on)."""
         tok = np.asarray(self.text.tokens(i), dtype=np.int64)
         ids, roles = tok[0], tok[1]
+        if self.mix.pack_items > 1:
+            ids, roles = self._pack(i, ids, roles, rng)
         rel = np.ones(len(ids), np.int64)
         if glue and self.chat_text:
             cids, croles = self.chat_text[int(rng.integers(len(self.chat_text)))]
@@ -184,6 +196,26 @@ class MixedData:
             "image": self.image_row[self.text.meta[i]["image_id"]],
             "speech": False,
         }
+
+    def _pack(
+        self, i: int, ids: np.ndarray, roles: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Item ``i`` followed by up to ``pack_items - 1`` other items of the same image, in a
+        random order, each added only while the whole stays within ``text_len`` tokens: one
+        forward then trains several answers about the image (a multi-turn text dialogue)."""
+        others = [j for j in self.texts_of_image[self.text.meta[i]["image_id"]] if j != i]
+        parts_i, parts_r = [ids], [roles]
+        total = len(ids)
+        for j in rng.permutation(len(others)).tolist():
+            if len(parts_i) >= self.mix.pack_items:
+                break
+            tok = np.asarray(self.text.tokens(others[j]), dtype=np.int64)
+            if total + tok.shape[1] > self.mix.text_len:
+                continue
+            parts_i.append(tok[0])
+            parts_r.append(tok[1])
+            total += tok.shape[1]
+        return np.concatenate(parts_i), np.concatenate(parts_r)
 
     # ------------------------------------------------------------------ batches
 
