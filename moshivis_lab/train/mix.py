@@ -17,6 +17,14 @@ exactly zero and masked out of the loss). With probability ``p_concat`` an unrel
 dialogue is glued before or after (as speech for speech samples, as text for speechless ones), so
 that the model learns to switch topic and the gates can learn when the image matters.
 
+Packing (``pack_items``, default 4): a speechless sample is its item followed by up to three
+other items of the same image (say a caption, two questions and a count), as long as they fit in
+``text_len``: one forward then trains several answers about the image, a multi-turn text dialogue.
+Measured on the tiny world (800 steps, validation VQA with text prompts, 60 per type): one item
+per sample 33 % with the right image and 32 % with a shuffled one, i.e. the adapters had not
+learnt to look; with four, 40 % against 29 % (colour questions 5 % -> 43 %). With
+``pack_items=8, text_len=160``: 41 %, for a 20 % slower step.
+
 Every sample is a pure function of ``(seed, step, slot)`` so a resumed run sees the same batches.
 """
 
@@ -44,7 +52,7 @@ class MixConfig:
     speech_len: int = 160  # frames per speech sample (12.5 Hz: 160 = 12.8 s)
     text_len: int = 96  # tokens per speechless sample
     user_text_weight: float = 0.0  # loss weight of the user's tokens in speechless samples
-    pack_items: int = 1  # image-text items of one image joined into a speechless sample
+    pack_items: int = 4  # image-text items of one image joined into a speechless sample
 
     def __post_init__(self) -> None:
         _check_types(self)  # a value of the wrong kind fails here, the field named
