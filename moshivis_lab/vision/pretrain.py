@@ -198,10 +198,10 @@ class VisionPretrainConfig:
 
     @classmethod
     def tiny(cls) -> VisionPretrainConfig:
-        """The tiny preset: 800 steps of 64 pairs with the region loss, ~0.42 s each on 2 idle
-        CPU cores (about 6 min with loading and evaluation; at 450 steps the shape probe was
-        38 % with the full phrase only, 80 % at 800 with ``region_mix``). On a busy machine two
-        threads thrash (measured 5x slower than one): pass ``threads=1`` there."""
+        """The tiny preset: 800 steps of 64 pairs with the region loss, ~0.36 s each on 2 idle
+        CPU cores (301 s with loading and evaluation; at 450 steps the shape probe was 38 % with
+        the full phrase only, 80 % at 800 with ``region_mix``). On a busy machine two threads
+        thrash (measured 5x slower than one): pass ``threads=1`` there."""
         return cls()
 
     @classmethod
