@@ -446,13 +446,17 @@ def test_nan_loss_stops_vision_pretraining(smoke_world, tmp_path, monkeypatch):
     from moshivis_lab.vision import pretrain as V
 
     vc, tcfg = _vision_setup()
-    real, calls = V.sigmoid_loss, []
+    real, real_batch, steps = V.sigmoid_loss, V.batch_for_step, []
 
-    def poisoned(*a, **kw):
-        calls.append(1)
+    def counted(*a, **kw):
+        steps.append(1)
+        return real_batch(*a, **kw)
+
+    def poisoned(*a, **kw):  # every loss of the third step (caption and region losses)
         loss = real(*a, **kw)
-        return _nan_like(loss) if len(calls) == 3 else loss
+        return _nan_like(loss) if len(steps) == 3 else loss
 
+    monkeypatch.setattr(V, "batch_for_step", counted)
     monkeypatch.setattr(V, "sigmoid_loss", poisoned)
     with pytest.raises(NonFiniteLossError) as e:
         V.pretrain_vision(smoke_world, tcfg, vc, out_dir=tmp_path, progress=False)
