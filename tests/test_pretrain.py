@@ -72,6 +72,8 @@ def _small_lm(cfg: LabConfig) -> LMConfig:
         ("grad_clip", 0.0),
         ("minutes", 0.0),
         ("seed", -1),
+        ("listen_batch_size", -1),
+        ("listen_len", 4),
     ],
 )
 def test_config_validation_names_field(field: str, value: object) -> None:
@@ -280,3 +282,40 @@ def test_qa_crops_and_chat_text_follow_their_shares(world: LabConfig) -> None:
         _tcfg(p_qa_crop=1.5)
     with pytest.raises(ValueError, match="chat_text_share"):
         _tcfg(chat_text_share=-0.1)
+
+
+def test_listen_batches_are_short_crops_at_questions(world: LabConfig) -> None:
+    from moshivis_lab.model.lm import MoshiLM
+    from moshivis_lab.train.pretrain import batch_ids_for_step, listen_batch_for_step, qa_index
+
+    train = load_split(world, "train")["speech"]
+    qa = qa_index(train)
+    tcfg = _tcfg(listen_batch_size=3, listen_len=16)
+    lb = listen_batch_for_step(train, tcfg, 2, qa)
+    assert lb is not None and lb.shape == (3, 17, 16)
+    assert torch.equal(lb, listen_batch_for_step(train, tcfg, 2))  # a function of (seed, step)
+    assert not torch.equal(lb, listen_batch_for_step(train, tcfg, 3, qa))
+    assert listen_batch_for_step(train, _tcfg(listen_batch_size=0), 2, qa) is None
+    # the ids name the long crops first, then the listening crops (all question dialogues)
+    ids = batch_ids_for_step(train, tcfg, 2, qa=qa)
+    qa_ids = {train.meta[i]["id"] for i, _ in qa}
+    assert len(ids) == tcfg.batch_size + 3 and set(ids[tcfg.batch_size :]) <= qa_ids
+    # each crop is a window of its dialogue's grid starting 0-8 frames before a question
+    rows = [i for i, _ in qa]
+    for b in range(3):
+        found = False
+        for i, starts in qa:
+            g = torch.from_numpy(np.array(train.tokens(i)))
+            for s in starts:
+                for first in range(max(s - 8, 0), s + 1):
+                    w = g[:, first : first + 16]
+                    if w.shape[1] == 16 and torch.equal(w, lb[b]):
+                        found = True
+        assert found, f"listening crop {b} is not a window at a question of {rows}"
+    with pytest.raises(ValueError, match="listen_batch_size=0"):
+        listen_batch_for_step(train, tcfg, 0, qa=[])
+    # its whole loss joins the step's
+    model = MoshiLM(_small_lm(world))
+    opt = make_optimizer(model, tcfg)
+    parts = train_step(model, opt, batch_for_step(train, tcfg, 0), 1e-3, 1.0, listen_batch=lb)
+    assert math.isfinite(parts["listen_loss"]) and parts["listen_loss"] > 0
