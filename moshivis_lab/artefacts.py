@@ -113,18 +113,33 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# Config fields added after runs were made, each with the value that trains or builds exactly as
+# before the field existed. At that value a field is left out of the keys, so adding a knob does
+# not turn every finished artefact stale (never change a value here: it would alias old keys).
+KEY_NEUTRAL_FIELDS: dict[str, Any] = {
+    "listen_batch_size": 0,  # PretrainConfig: no listening crops
+    "listen_len": 56,  # PretrainConfig (only read when listen_batch_size > 0)
+    "pool_tokens": 0,  # XAConfig: the encoder tokens alone
+}
+
+
 def config_hash(*objs: Any) -> str:
-    """A short stable hash of dataclass configs (used in stage stamps)."""
+    """A short stable hash of dataclass configs (used in stage stamps); ``data_dir`` and the
+    ``KEY_NEUTRAL_FIELDS`` at their neutral values are left out."""
 
     def plain(o: Any) -> Any:
         if dataclasses.is_dataclass(o):
-            return {k: plain(v) for k, v in dataclasses.asdict(o).items() if k != "data_dir"}
+            o = {k: v for k, v in dataclasses.asdict(o).items() if k != "data_dir"}
         if isinstance(o, Path):
             return str(o)
         if isinstance(o, tuple | list):
             return [plain(v) for v in o]
         if isinstance(o, dict):
-            return {str(k): plain(v) for k, v in o.items()}
+            return {
+                str(k): plain(v)
+                for k, v in o.items()
+                if not (str(k) in KEY_NEUTRAL_FIELDS and v == KEY_NEUTRAL_FIELDS[str(k)])
+            }
         return o
 
     blob = json.dumps([plain(o) for o in objs], sort_keys=True, default=str)

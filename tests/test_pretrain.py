@@ -319,3 +319,25 @@ def test_listen_batches_are_short_crops_at_questions(world: LabConfig) -> None:
     opt = make_optimizer(model, tcfg)
     parts = train_step(model, opt, batch_for_step(train, tcfg, 0), 1e-3, 1.0, listen_batch=lb)
     assert math.isfinite(parts["listen_loss"]) and parts["listen_loss"] > 0
+
+
+def test_neutral_new_fields_leave_run_keys_alone() -> None:
+    from moshivis_lab.artefacts import KEY_NEUTRAL_FIELDS, config_hash, trained_settings
+
+    t = PretrainConfig.tiny()
+    assert t.listen_batch_size == KEY_NEUTRAL_FIELDS["listen_batch_size"]
+    old = {
+        k: v for k, v in trained_settings(t).items() if k not in ("listen_batch_size", "listen_len")
+    }
+    assert config_hash(trained_settings(t)) == config_hash(old)  # as keyed before the fields
+    on = t.replace(batch_size=4, listen_batch_size=8)
+    assert config_hash(trained_settings(on)) != config_hash(
+        trained_settings(t.replace(batch_size=4))
+    )
+    # nested configs too (an adapter run's settings hold its XAConfig)
+    from moshivis_lab.config import XAConfig
+
+    xa = XAConfig(image_dim=8)
+    plain = {k: v for k, v in dataclasses.asdict(xa).items() if k != "pool_tokens"}
+    assert config_hash({"xa": xa}) == config_hash({"xa": plain})
+    assert config_hash(xa) != config_hash(dataclasses.replace(xa, pool_tokens=3))
