@@ -555,7 +555,13 @@ class XAConfig:
     a scalar ``per_layer_alpha``, as in the reference code). ``xa_layers``: temporal layers that get
     cross-attention (None = all). ``xa_start``: streaming steps skipped before cross-attention
     starts (the released demos use 16). ``image_dim``: width of the image encoder's tokens.
-    ``num_heads``: cross-attention heads (None = the LM's).
+    ``num_heads``: cross-attention heads (None = the LM's). ``pool_tokens``: 0 (the paper's)
+    or ``k``: the image prefix also offers the mean of every ``k x k`` block of the encoder's
+    square token grid, appended after the tokens (no parameters; a block's mean can carry what
+    no single token does, e.g. an object's shape: at the tiny preset a linear probe reads shape
+    from a world cell's mean at 80 % but from one token at 36 %). Measured at the tiny preset
+    with 3 x 3 blocks (the world's cells), validation VQA by text, right vs shuffled image:
+    40.0 / 32.8 % against 40.3 / 28.9 % without, so it is off by default.
     """
 
     gating: str = "conditional_sigmoid"
@@ -566,6 +572,7 @@ class XAConfig:
     image_dim: int = 1152
     gate_bias: float = -4.0
     num_heads: int | None = None
+    pool_tokens: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -609,6 +616,12 @@ class XAConfig:
             "XAConfig",
             "num_heads",
             f"must be None (the LM's heads) or > 0, got {self.num_heads!r}",
+        )
+        _check(
+            self.pool_tokens >= 0 and self.pool_tokens != 1,
+            "XAConfig",
+            "pool_tokens",
+            f"must be 0 (off) or a block side >= 2, got {self.pool_tokens}",
         )
         _check(
             self.gate_bias == self.gate_bias and abs(self.gate_bias) != float("inf"),

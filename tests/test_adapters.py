@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -637,3 +638,38 @@ def test_adapters_only_round_trip(base: MoshiLM, model: MoshiVis, tmp_path) -> N
     full = save_moshivis(model, tmp_path / "full.safetensors")
     with pytest.raises(ValueError, match="unexpected"):
         load_adapters(build(seed=4), full)
+
+
+def test_pooled_image_tokens_and_their_attention(base: MoshiLM) -> None:
+    from moshivis_lab.interp.attention import cross_attention_maps, fold_pooled_attention
+    from moshivis_lab.model.adapters import pool_token_grid
+
+    with pytest.raises(ValueError, match="XAConfig.pool_tokens"):
+        vis_cfg(pool_tokens=1)
+    # 5 x 5 tokens in 2 x 2 blocks: 9 block means (edge blocks of 2 or 1 tokens) appended
+    x = torch.arange(2 * 25 * 3, dtype=torch.float32).reshape(2, 25, 3)
+    y = pool_token_grid(x, 2)
+    assert y.shape == (2, 25 + 9, 3) and torch.equal(y[:, :25], x)
+    grid = x.reshape(2, 5, 5, 3)
+    assert torch.allclose(y[:, 25], grid[:, :2, :2].mean(dim=(1, 2)))
+    assert torch.allclose(y[:, 27], grid[:, :2, 4].mean(dim=1))  # right edge: 2 tokens
+    assert torch.allclose(y[:, 33], grid[:, 4, 4])  # the corner block holds one token
+    with pytest.raises(ValueError, match="square grid"):
+        pool_token_grid(x[:, :24], 2)
+    # folding shares each block key's weight over its tokens; rows keep their sums
+    w = torch.softmax(torch.randn(4, 34), dim=-1)
+    f = fold_pooled_attention(w, 25, 2)
+    assert f.shape == (4, 25) and torch.allclose(f.sum(-1), torch.ones(4))
+    assert torch.allclose(f[:, 24], w[:, 24] + w[:, 33])
+    assert torch.allclose(f[:, 0], w[:, 0] + w[:, 25] / 4)
+    assert np.allclose(fold_pooled_attention(w.numpy(), 25, 2), f.numpy(), atol=1e-6)
+    v = w[:, :25]
+    assert fold_pooled_attention(v, 25, 0) is v  # no block keys: unchanged
+    with pytest.raises(ValueError, match="blocks"):
+        fold_pooled_attention(w[:, :30], 25, 2)
+    # a model with pooled tokens: its cross-attention maps are over the 5 x 5 grid and sum to 1
+    torch.manual_seed(0)
+    m = MoshiVis(vis_cfg(pool_tokens=2, gating="none"), base).eval()
+    img = torch.randn(1, 25, IMAGE_DIM)
+    maps = cross_attention_maps(m, random_codes(1, 6)[0], img)
+    assert maps.side == 5 and np.allclose(maps.weights.sum(-1), 1.0, atol=1e-5)

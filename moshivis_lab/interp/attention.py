@@ -48,6 +48,32 @@ def grid_side(n_tokens: int) -> int:
     return side
 
 
+def fold_pooled_attention(weights: Any, n_tokens: int, pool: int) -> Any:
+    """Attention over the image prefix's keys (``n_tokens`` grid tokens, then, with
+    ``XAConfig.pool_tokens = pool``, one key per ``pool x pool`` block) as attention over the
+    grid tokens only: each block key's weight is shared evenly by the tokens of its block, so
+    a row still sums to what it did. Works on numpy arrays and torch tensors ``[..., keys]``."""
+    keys = int(weights.shape[-1])
+    if keys == n_tokens:
+        return weights
+    side = grid_side(n_tokens)
+    if pool < 2:
+        raise ValueError(f"{keys} keys for {n_tokens} image tokens, but pool_tokens={pool}")
+    m = -(-side // pool)
+    if keys != n_tokens + m * m:
+        raise ValueError(
+            f"{keys} keys do not match {n_tokens} tokens plus {m * m} {pool}x{pool} blocks"
+        )
+    rows = np.arange(side) // pool
+    block = (rows[:, None] * m + rows[None, :]).reshape(-1)  # block of each grid token
+    share = 1.0 / np.bincount(block, minlength=m * m)[block]
+    if isinstance(weights, torch.Tensor):
+        idx = torch.as_tensor(n_tokens + block, device=weights.device)
+        sh = torch.as_tensor(share, dtype=weights.dtype, device=weights.device)
+        return weights[..., :n_tokens] + weights[..., idx] * sh
+    return weights[..., :n_tokens] + weights[..., n_tokens + block] * share.astype(weights.dtype)
+
+
 def upsample(weights: Any, height: int, width: int, mode: str = "bilinear") -> np.ndarray:
     """A 2-D grid ``[h, w]`` stretched to ``[height, width]`` pixels.
 
@@ -228,7 +254,8 @@ def cross_attention_maps(
     chosen = list(range(t)) if steps is None else [int(s) for s in steps]
     if not chosen or any(not 0 <= s < t for s in chosen):
         raise ValueError(f"steps must be in [0, {t}), got {chosen}")
-    w = np.stack([cache[n][0][:, chosen].float().numpy() for n in names])  # [L, H, S, N]
+    w = np.stack([cache[n][0][:, chosen].float().numpy() for n in names])  # [L, H, S, keys]
+    w = fold_pooled_attention(w, img.shape[1], model.cfg.xa.pool_tokens)  # [L, H, S, N]
     return AttentionMaps(w, tuple(model.cfg.layers), tuple(chosen), grid_side(w.shape[-1]))
 
 
@@ -501,7 +528,8 @@ def pointing_game(
         for r, i in enumerate(idx):
             steps = prepared[i][1]
             for k, n in enumerate(names):
-                w = cache[n][r][:, steps].float().mean(dim=(0, 1))  # heads, answer steps -> [N]
+                w = cache[n][r][:, steps].float().mean(dim=(0, 1))  # heads, answer steps -> keys
+                w = fold_pooled_attention(w, img.shape[1], model.cfg.xa.pool_tokens)  # [N]
                 grids[i, k] = w.numpy().reshape(side, side)
     hits = np.zeros((len(items), n_layers), bool)
     hits_all = np.zeros(len(items), bool)

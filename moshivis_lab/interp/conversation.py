@@ -42,6 +42,7 @@ from PIL import Image
 
 from moshivis_lab.audio.io import is_silent, load_audio, prepare
 from moshivis_lab.config import TEXT_EPAD_ID, TEXT_PAD_ID, ZERO_TOKEN
+from moshivis_lab.interp.attention import fold_pooled_attention
 from moshivis_lab.interp.gates import GateIntervention
 from moshivis_lab.model.generate import timed_transcript
 
@@ -396,7 +397,8 @@ def record_conversation(
 
     def grab(i: int) -> Any:
         def fn(t: torch.Tensor, hook: Any) -> None:
-            current[i] = t[0].float().mean(dim=0)[0]  # [heads, 1, N] -> [N]
+            w = t[0].float().mean(dim=0)[0]  # [heads, 1, keys] -> [keys]
+            current[i] = fold_pooled_attention(w, n_tokens, model.cfg.xa.pool_tokens)  # [N]
 
         return fn
 

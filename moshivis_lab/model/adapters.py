@@ -279,12 +279,28 @@ class XAGate(nn.Module):
         return f"{self.gating!r}, bias={self.bias}" if self.gating != "tanh_scalar" else "'tanh'"
 
 
-class ImagePrefix(nn.Module):
-    """Encoder tokens ``[B, N, image_dim]`` -> ``norm_xa(proj_xa(x))`` ``[B, N, dim]``."""
+def pool_token_grid(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """``[B, N, C]`` tokens of a square grid followed by the mean of each ``k x k`` block (blocks
+    at the right and bottom edges may be smaller): ``[B, N + ceil(side / k) ** 2, C]``."""
+    b, n, c = tokens.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(
+            f"pool_tokens needs a square grid of image tokens, got {n}; set XAConfig.pool_tokens=0"
+        )
+    grid = tokens.transpose(1, 2).reshape(b, c, side, side)
+    pooled = F.avg_pool2d(grid, k, stride=k, ceil_mode=True, count_include_pad=False)
+    return torch.cat([tokens, pooled.flatten(2).transpose(1, 2)], dim=1)
 
-    def __init__(self, image_dim: int, dim: int, eps: float) -> None:
+
+class ImagePrefix(nn.Module):
+    """Encoder tokens ``[B, N, image_dim]`` -> ``norm_xa(proj_xa(x))`` ``[B, N, dim]`` (with
+    ``pool > 0``, the ``pool x pool`` block means appended to the tokens first)."""
+
+    def __init__(self, image_dim: int, dim: int, eps: float, pool: int = 0) -> None:
         super().__init__()
         self.image_dim = image_dim
+        self.pool = pool
         self.proj_xa = nn.Linear(image_dim, dim, bias=True)
         self.norm_xa = RMSNorm(dim, eps)
         self.hook_out = HookPoint()
@@ -299,6 +315,8 @@ class ImagePrefix(nn.Module):
 
     def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """Project and normalise; the result is the cross-attention source."""
+        if self.pool:
+            image_tokens = pool_token_grid(image_tokens, self.pool)
         return self.hook_out(self.norm_xa(self.proj_xa(image_tokens)))
 
 

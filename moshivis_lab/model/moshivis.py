@@ -101,7 +101,7 @@ class MoshiVis(_hooks.HookedModel, nn.Module):
         heads = cfg.xa_heads
         factory = {"device": lm.device, "dtype": lm.dtype}
         # Registered before ``lm`` so that hook names come in forward order.
-        self.image_prefix = ImagePrefix(xa.image_dim, d, eps).to(**factory)
+        self.image_prefix = ImagePrefix(xa.image_dim, d, eps, xa.pool_tokens).to(**factory)
         self.shared_xa: CrossAttention | None = None
         if xa.sharing != "none":
             self.shared_xa = CrossAttention(d, heads, query=xa.sharing == "qkv").to(**factory)
