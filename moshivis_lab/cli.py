@@ -166,6 +166,41 @@ def pretrain_speech_cmd(
     typer.echo(json.dumps({"train": train, "eval": report}, indent=1, default=str))
 
 
+@app.command("probe-speech")
+def probe_speech_cmd(
+    preset_name: PresetOpt = "tiny",
+    data_dir: DataDirOpt = None,
+    codebooks: Annotated[
+        str, typer.Option(help="user codebooks the probe reads, comma-separated (0 = semantic)")
+    ] = "0",
+    steps: StepsOpt = None,
+    split: Annotated[str, typer.Option(help="held-out split to score on")] = "val",
+    quiet: QuietOpt = False,
+) -> None:
+    """Build missing data, then train a classifier to name a spoken question's answer from the
+    user's codes alone: how much of the speech the codes let a model recognise."""
+    from moshivis_lab.pipeline import build_data
+    from moshivis_lab.train.speech_probe import (
+        SpeechProbeConfig,
+        probe_dir,
+        probe_spoken_answers,
+    )
+
+    try:
+        books = tuple(int(k) for k in codebooks.split(","))
+    except ValueError as e:
+        raise typer.BadParameter(f"codebooks must be integers like 0 or 0,1,2: {e}") from e
+    cfg = preset(preset_name, data_dir)
+    pcfg = SpeechProbeConfig.smoke() if preset_name == "smoke" else SpeechProbeConfig.tiny()
+    pcfg = pcfg.replace(codebooks=books, **({"steps": steps} if steps is not None else {}))
+    build_data(cfg, progress=not quiet)
+    name = "_".join(str(k) for k in pcfg.codebooks)
+    out = probe_dir(cfg) / f"{split}_codebooks_{name}.json"
+    report = probe_spoken_answers(cfg, pcfg, split=split, out_path=out, progress=not quiet)
+    report.pop("curve", None)
+    typer.echo(json.dumps({**report, "report": str(out)}, indent=1, default=str))
+
+
 def _train_config(
     preset_name: str, steps: int | None, minutes: float | None, p_audio: float | None
 ):  # noqa: ANN202
