@@ -120,6 +120,7 @@ KEY_NEUTRAL_FIELDS: dict[str, Any] = {
     "listen_batch_size": 0,  # PretrainConfig: no listening crops
     "listen_len": 56,  # PretrainConfig (only read when listen_batch_size > 0)
     "pool_tokens": 0,  # XAConfig: the encoder tokens alone
+    "image_tokens": "encoder",  # TrainConfig: the frozen encoder's tokens (not the oracle's)
 }
 
 

@@ -40,6 +40,14 @@ def _check_p_audio(v: float | None) -> float | None:
     return v
 
 
+def _check_image_tokens(v: str) -> str:
+    from moshivis_lab.train.image_tokens import IMAGE_TOKEN_SOURCES
+
+    if v not in IMAGE_TOKEN_SOURCES:
+        raise typer.BadParameter(f"must be one of {', '.join(IMAGE_TOKEN_SOURCES)}, got {v!r}")
+    return v
+
+
 def _check_run(run: str) -> str:
     if not run or "/" in run or "\\" in run or run.startswith("."):
         raise typer.BadParameter(
@@ -227,6 +235,14 @@ def train_cmd(
         float | None,
         typer.Option(help="share of speech samples (default: 0.25)", callback=_check_p_audio),
     ] = None,
+    image_tokens: Annotated[
+        str,
+        typer.Option(
+            help="the adapters' image tokens: encoder (the method) or oracle (symbolic tokens "
+            "from the scene graph, an upper-bound ablation; use another --run)",
+            callback=_check_image_tokens,
+        ),
+    ] = "encoder",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -234,7 +250,7 @@ def train_cmd(
     from moshivis_lab.train.adapters import ensure_pretrained, train_adapters
 
     cfg = preset(preset_name, data_dir)
-    tcfg = _train_config(preset_name, steps, minutes, p_audio)
+    tcfg = _train_config(preset_name, steps, minutes, p_audio).replace(image_tokens=image_tokens)
     ensure_pretrained(cfg, progress=not quiet)
     report = train_adapters(cfg, tcfg, run=run, overwrite=overwrite, progress=not quiet)
     typer.echo(json.dumps(report, indent=1, default=str))

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from moshivis_lab.config import ZERO_TOKEN
-from moshivis_lab.train.mix import MixConfig, MixedData, batch_for_step, collate, turn_relevance
+from moshivis_lab.train.mix import (
+    TURN_MARK,
+    MixConfig,
+    MixedData,
+    batch_for_step,
+    collate,
+    mark_turns,
+    prompt_tokens,
+    turn_relevance,
+)
 
 
 def test_mix_config_validates():
@@ -118,7 +127,7 @@ def test_packing_joins_items_of_the_same_image_within_text_len(smoke_world):
                 for j in one.texts_of_image[image_id]
                 if j != i
                 for t in np.asarray(one.text.tokens(j))[0].tolist()
-            ]
+            ] + [TURN_MARK]
             assert set(rest) <= set(joined)
             assert b["text_weight"][n:].sum() > 0  # the added items' answers are trained
         assert (b["relevance"] == 1).all()
@@ -126,5 +135,34 @@ def test_packing_joins_items_of_the_same_image_within_text_len(smoke_world):
     # one item per sample: the item alone, and no random number drawn for packing
     rng = np.random.default_rng(0)
     a = one.text_sample(one.texts[0], rng, False)
-    assert (a["codes"][0] == np.asarray(one.text.tokens(one.texts[0]))[0]).all()
+    raw = np.asarray(one.text.tokens(one.texts[0]))
+    assert (a["codes"][0] == mark_turns(raw[0], raw[1])[0]).all()
     assert rng.random() == np.random.default_rng(0).random()
+
+
+def test_mark_turns_opens_and_closes_every_assistant_turn():
+    ids = np.array([10, 11, 12, 20, 21, 13, 22])
+    roles = np.array([0, 0, 0, 1, 1, 0, 1])
+    out, r = mark_turns(ids, roles)
+    m = TURN_MARK
+    assert out.tolist() == [10, 11, 12, m, 20, 21, m, 13, m, 22, m]
+    assert r.tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 1, 1, 1]  # the marks are the assistant's
+    # a user-only or empty sequence gets no mark
+    assert mark_turns(np.array([5, 6]), np.array([0, 0]))[0].tolist() == [5, 6]
+    assert mark_turns(np.array([], np.int64), np.array([], np.int64))[0].tolist() == []
+
+
+def test_speechless_samples_mark_each_answer_and_prompts_open_the_turn(smoke_world):
+    from moshivis_lab.world.tokenizer import TextTokenizer
+
+    data = MixedData(smoke_world, "train", MixConfig(p_audio=0.0, p_concat=1.0))
+    b = batch_for_step(data, 8, seed=0, step=0)
+    for row, w in zip(b.codes[:, 0].numpy(), b.text_weight.numpy(), strict=True):
+        valid = row != ZERO_TOKEN
+        marks = np.flatnonzero(row == TURN_MARK)
+        assert len(marks) >= 2 and (w[marks] == 1).all()  # every mark is trained
+        # between two marks that open and close a turn there is only the assistant's text
+        user = np.flatnonzero(valid & (w == 0))
+        assert not np.isin(user, marks).any()
+    tok = TextTokenizer.load(smoke_world.tokenizer_path)
+    assert prompt_tokens(tok, "Is it red?") == [*tok.encode("Is it red?"), TURN_MARK]

@@ -183,6 +183,7 @@ def text_dialogue(
     """Speechless image dialogue number ``index`` of ``split`` (user and assistant tokens one
     after another in the text stream, audio rows the zero token), with the transcript of spoken
     chit-chat number ``chat`` glued before or after as text (None: nothing glued)."""
+    from moshivis_lab.train.mix import dialogue_tokens, mark_turns
     from moshivis_lab.world.shards import load_split
     from moshivis_lab.world.tokenizer import TextTokenizer
 
@@ -196,7 +197,7 @@ def text_dialogue(
     if not 0 <= index < len(items):
         raise ValueError(f"index must be in [0, {len(items)}) (speechless image dialogues)")
     arr = np.asarray(text.tokens(items[index]), np.int64)
-    ids, roles = arr[0], arr[1]
+    ids, roles = mark_turns(arr[0], arr[1])  # as the speechless samples of training
     turns = _role_turns(roles, "image", ids, tok)
     rel = np.ones(len(ids), np.int64)
     switch = None
@@ -205,13 +206,7 @@ def text_dialogue(
         if not 0 <= chat < len(chats):
             raise ValueError(f"chat must be in [0, {len(chats)}) (chit-chat dialogues)")
         cm = speech.meta[chats[chat]]
-        cids: list[int] = []
-        croles: list[int] = []
-        for t in cm.get("turns", []):
-            e = tok.encode(t["text"])
-            cids += e
-            croles += [1 if t["speaker"] == "assistant" else 0] * len(e)
-        c_ids, c_roles = np.asarray(cids, np.int64), np.asarray(croles, np.int64)
+        c_ids, c_roles = dialogue_tokens(tok, cm.get("turns", []))
         cturns = _role_turns(c_roles, str(cm.get("topic", "chat")), c_ids, tok)
         crel = np.zeros(len(c_ids), np.int64)
         if chat_first:

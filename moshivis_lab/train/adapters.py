@@ -44,6 +44,7 @@ from moshivis_lab.artefacts import (
 from moshivis_lab.artefacts import write_json as _write_json
 from moshivis_lab.config import ZERO_TOKEN, LabConfig, XAConfig, _check, _check_types
 from moshivis_lab.train.guard import check_finite
+from moshivis_lab.train.image_tokens import IMAGE_TOKEN_SOURCES
 from moshivis_lab.train.mix import Batch, MixConfig, MixedData, batch_for_step
 from moshivis_lab.train.pretrain import lr_at
 
@@ -68,6 +69,9 @@ class TrainConfig:
     seed: int = 0
     mix: MixConfig = field(default_factory=MixConfig)
     xa: XAConfig | None = None  # None: XAConfig.tiny sized to the LM and the encoder
+    # where the adapters' image tokens come from: "encoder" (the frozen encoder, the method) or
+    # "oracle" (symbolic tokens read off the scene graph: an upper-bound ablation, vision/oracle.py)
+    image_tokens: str = "encoder"
     lora_rank: int = 0  # > 0: LoRA on the LM's temporal attention and FFN through peft
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("in_projs", "out_projs", "linear_in", "linear_out")
@@ -105,6 +109,12 @@ class TrainConfig:
         _check(self.weight_decay >= 0, name, "weight_decay", "must be >= 0")
         _check(self.grad_clip > 0, name, "grad_clip", f"must be > 0, got {self.grad_clip}")
         _check(self.lora_rank >= 0, name, "lora_rank", f"must be >= 0, got {self.lora_rank}")
+        _check(
+            self.image_tokens in IMAGE_TOKEN_SOURCES,
+            name,
+            "image_tokens",
+            f"must be one of {IMAGE_TOKEN_SOURCES}, got {self.image_tokens!r}",
+        )
         for n in ("beta1", "beta2"):
             v = getattr(self, n)
             _check(0.0 <= v < 1.0, name, n, f"must be in [0, 1), got {v}")
@@ -374,8 +384,17 @@ def _run_key(cfg: LabConfig, model: Any, tcfg: TrainConfig, lm_sha: str, encoder
 
     trained = trained_settings(tcfg)
     xa = model.cfg.xa
+    from moshivis_lab.train.mix import SPEECHLESS_FORMAT
+
     return config_hash(
-        cfg.world, cfg.codec, cfg.tokenizer, xa, trained, lm_sha, encoder_key(encoder)
+        cfg.world,
+        cfg.codec,
+        cfg.tokenizer,
+        xa,
+        trained,
+        lm_sha,
+        encoder_key(encoder),
+        {"speechless_format": SPEECHLESS_FORMAT},
     )
 
 
@@ -490,7 +509,7 @@ def _train_adapters(
 ) -> dict[str, Any]:
     from accelerate import Accelerator
 
-    from moshivis_lab.train.image_tokens import image_table
+    from moshivis_lab.train.image_tokens import split_tokens
     from moshivis_lab.train.pretrain import speech_lm_dir
     from moshivis_lab.vision.pretrain import load_vision_encoder
 
@@ -526,8 +545,8 @@ def _train_adapters(
         raise RuntimeError("no trainable parameters after unfreezing the adapters")
 
     tables = {
-        "train": image_table(cfg, train.image_ids, encoder, "train", progress),
-        "val": image_table(cfg, val.image_ids, encoder, "val", progress),
+        name: split_tokens(cfg, d.image_ids, encoder, name, progress, tcfg.image_tokens)
+        for name, d in (("train", train), ("val", val))
     }
     del encoder
     accel = Accelerator(

@@ -76,3 +76,25 @@ def image_table(
         save_file({"tokens": tokens.half().contiguous()}, str(tmp))
     write_json(info_path, {"key": key, "n": len(image_ids), "shape": list(tokens.shape)})
     return tokens.half().float()
+
+
+IMAGE_TOKEN_SOURCES = ("encoder", "oracle")
+
+
+def split_tokens(
+    cfg: LabConfig,
+    image_ids: list[str],
+    encoder: Any,
+    name: str,
+    progress: bool = True,
+    source: str = "encoder",
+) -> torch.Tensor:
+    """Image tokens of ``image_ids`` from ``source``: the frozen encoder (``image_table``, cached)
+    or the scene-graph oracle (``vision.oracle``, an ablation: what a perfect encoder would give)."""
+    if source == "encoder":
+        return image_table(cfg, image_ids, encoder, name, progress)
+    if source == "oracle":
+        from moshivis_lab.vision.oracle import oracle_table
+
+        return oracle_table(cfg, image_ids, encoder)
+    raise ValueError(f"image token source must be one of {IMAGE_TOKEN_SOURCES}, got {source!r}")

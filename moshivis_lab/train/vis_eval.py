@@ -97,7 +97,8 @@ def text_replies(
     max_new_tokens: int = 10,
     batch_size: int = 64,
 ) -> list[str]:
-    """Greedy speechless replies: each prompt in the text stream (audio rows -1), then decode.
+    """Greedy speechless replies: each prompt in the text stream (audio rows -1) followed by the
+    mark that opens the assistant's turn (``mix.prompt_tokens``), decoded up to the closing mark.
 
     ``image_tokens [len(prompts), N, D]``: each prompt's image (None: the base model, no image).
     Prompts of equal token length share a batch so nothing is padded; each batch's image K/V
@@ -112,7 +113,9 @@ def text_replies(
         raise ValueError(
             f"{len(prompts)} prompts but {len(image_tokens)} images: give one image per prompt"
         )
-    enc = [tokenizer.encode(p) for p in prompts]
+    from moshivis_lab.train.mix import TURN_MARK, prompt_tokens
+
+    enc = [prompt_tokens(tokenizer, p) for p in prompts]
     replies = [""] * len(prompts)
     by_len: dict[int, list[int]] = defaultdict(list)
     for i, e in enumerate(enc):
@@ -138,8 +141,9 @@ def text_replies(
                 codes = torch.cat([codes, ext], 2)
                 for b, t in enumerate(nxt.tolist()):
                     new[b].append(t)
-            for b, i in enumerate(idx):
-                replies[i] = _decode(tokenizer, new[b])
+            for b, i in enumerate(idx):  # the reply ends at the mark that closes the turn
+                end = new[b].index(TURN_MARK) if TURN_MARK in new[b] else len(new[b])
+                replies[i] = _decode(tokenizer, new[b][:end])
     return replies
 
 
@@ -295,6 +299,18 @@ def gate_auroc(
     return out_d
 
 
+def run_image_tokens(cfg: LabConfig, run: str) -> str:
+    """Where run ``run``'s image tokens came from (``TrainConfig.image_tokens``; "encoder" when
+    the run has no report yet)."""
+    from moshivis_lab.artefacts import read_json
+    from moshivis_lab.train.adapters import adapters_dir
+
+    report = adapters_dir(cfg, run) / "train_report.json"
+    if not report.exists():
+        return "encoder"
+    return str(read_json(report).get("config", {}).get("image_tokens", "encoder"))
+
+
 def evaluate_moshivis(
     cfg: LabConfig,
     model: Any,
@@ -314,7 +330,7 @@ def evaluate_moshivis(
     """The full report of section (a)-(d) above; written to ``adapters/<run>/eval.json``."""
     from moshivis_lab.audio.codecs import load_codec
     from moshivis_lab.train.adapters import adapters_dir
-    from moshivis_lab.train.image_tokens import image_table
+    from moshivis_lab.train.image_tokens import split_tokens
     from moshivis_lab.train.mix import MixConfig, MixedData
     from moshivis_lab.train.pretrain import load_speech_lm
     from moshivis_lab.vision.pretrain import load_vision_encoder
@@ -333,9 +349,12 @@ def evaluate_moshivis(
     report: dict[str, Any] = {"run": run, "preset": cfg.name, "chance": chance_levels(cfg)}
     report["heldout_voices"] = [v.name for v in heldout_voices]
 
+    source = run_image_tokens(cfg, run)  # the tokens the run was trained on
+    report["image_tokens"] = source
+
     def tokens_for(ids: list[str], name: str) -> torch.Tensor:
         uniq = sorted(set(ids))
-        table = image_table(cfg, uniq, encoder, name, progress)
+        table = split_tokens(cfg, uniq, encoder, name, progress, source)
         row = {k: i for i, k in enumerate(uniq)}
         return table[[row[i] for i in ids]]
 
@@ -402,7 +421,7 @@ def evaluate_moshivis(
         }
     # (d) Gates.
     val = MixedData(cfg, "val", MixConfig(p_audio=0.5, p_concat=1.0))
-    table = image_table(cfg, val.image_ids, encoder, "val", progress)
+    table = split_tokens(cfg, val.image_ids, encoder, "val", progress, source)
     report["gates"] = gate_auroc(model, val, table, gate_batches, 16, seed)
     report["seconds"] = round(time.time() - t0, 2)
     path = Path(out_path) if out_path is not None else adapters_dir(cfg, run) / "eval.json"
