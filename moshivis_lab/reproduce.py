@@ -282,6 +282,7 @@ class Reproduction:
 
     def ablations(self) -> dict[str, Any]:
         from moshivis_lab.train.ablate import run_ablations
+        from moshivis_lab.train.mix import SPEECHLESS_FORMAT
         from moshivis_lab.vision.pretrain import vision_dir
 
         acfg = self.ablate_config()
@@ -290,7 +291,14 @@ class Reproduction:
         return _evaluated(
             self.cfg,
             "ablations",
-            (self._lm_key(), vis_key, dataclasses.asdict(acfg), self.train_config()),
+            # the variants are trained here, so what their samples look like is an input too
+            (
+                self._lm_key(),
+                vis_key,
+                dataclasses.asdict(acfg),
+                self.train_config(),
+                {"speechless_format": SPEECHLESS_FORMAT},
+            ),
             out,
             lambda: run_ablations(self.cfg, acfg, self.train_config(), progress=self.progress),
         )

@@ -1252,6 +1252,7 @@ CLI_CASES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("train", "--minutes", "nan"), r"must be a number of minutes > 0, got nan"),
     (("train", "--minutes", "-5"), r"must be a number of minutes > 0"),
     (("train", "--p-audio", "1.5"), r"must be a probability in \[0, 1\], got 1.5"),
+    (("train", "--image-tokens", "pixels"), r"must be one of encoder, oracle, got 'pixels'"),
     (("train", "--run", "../elsewhere"), r"not a run name"),
     (("train", "--run", ".hidden"), r"not a run name"),
     (("train", "--no-such-option"), r"No such option"),

@@ -385,8 +385,8 @@ def pointing_items(
 
 def qa_codes(tokenizer: Any, question: str, answer: str) -> tuple[np.ndarray, list[int]]:
     """A speechless grid ``[17, T]``: the question's then the answer's text tokens in the text
-    row (audio rows the zero token), the assistant's turn opened by its mark as in training
-    (``mix.prompt_tokens``); and the model steps that predict the answer tokens."""
+    row (audio rows the zero token; the prompt as ``mix.prompt_tokens`` writes it); and the model
+    steps that predict the answer tokens."""
     from moshivis_lab.train.mix import prompt_tokens
 
     q, a = tokenizer.encode(question), tokenizer.encode(answer)

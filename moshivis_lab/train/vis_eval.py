@@ -97,8 +97,8 @@ def text_replies(
     max_new_tokens: int = 10,
     batch_size: int = 64,
 ) -> list[str]:
-    """Greedy speechless replies: each prompt in the text stream (audio rows -1) followed by the
-    mark that opens the assistant's turn (``mix.prompt_tokens``), decoded up to the closing mark.
+    """Greedy speechless replies: each prompt in the text stream (audio rows -1,
+    ``mix.prompt_tokens``), the reply decoded up to the mark that closes the assistant's turn.
 
     ``image_tokens [len(prompts), N, D]``: each prompt's image (None: the base model, no image).
     Prompts of equal token length share a batch so nothing is padded; each batch's image K/V
