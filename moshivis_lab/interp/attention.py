@@ -389,10 +389,9 @@ def qa_codes(tokenizer: Any, question: str, answer: str) -> tuple[np.ndarray, li
     steps that predict the answer tokens."""
     from moshivis_lab.train.mix import prompt_tokens
 
-    q, a = tokenizer.encode(question), tokenizer.encode(answer)
+    q, a = prompt_tokens(tokenizer, question), tokenizer.encode(answer)
     if not q or not a:
         raise ValueError(f"empty question or answer: {question!r} / {answer!r}")
-    q = prompt_tokens(tokenizer, question)
     codes = np.full((N_ROWS, len(q) + len(a)), ZERO_TOKEN, np.int64)
     codes[0] = q + a
     return codes, list(range(len(q), len(q) + len(a)))
