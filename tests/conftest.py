@@ -21,6 +21,29 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def evaluate_small():
+    """``evaluate_moshivis`` of a trained run at the smallest size that fills every section."""
+    from moshivis_lab.train.adapters import load_trained
+    from moshivis_lab.train.vis_eval import evaluate_moshivis
+
+    def run(cfg, name: str) -> dict:
+        return evaluate_moshivis(
+            cfg,
+            load_trained(cfg, name),
+            run=name,
+            splits=("test",),
+            per_type=2,
+            spoken_per_type=1,
+            n_captions=2,
+            n_speech=2,
+            gate_batches=1,
+            progress=False,
+        )
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def smoke_world(tmp_path_factory: pytest.TempPathFactory):
     """One smoke world (data, tokenizer, quickly fitted codec, shards) shared by every module.

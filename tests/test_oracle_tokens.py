@@ -70,9 +70,11 @@ def test_image_token_sources_are_checked(smoke_pretrained):
         oracle_table(smoke_pretrained, ["nowhere_00001"], enc)
 
 
-def test_oracle_run_trains_and_evaluates_on_oracle_tokens(smoke_pretrained, one_torch_thread):
-    from moshivis_lab.train.adapters import TrainConfig, load_trained, train_adapters
-    from moshivis_lab.train.vis_eval import evaluate_moshivis, run_image_tokens
+def test_oracle_run_trains_and_evaluates_on_oracle_tokens(
+    smoke_pretrained, one_torch_thread, evaluate_small
+):
+    from moshivis_lab.train.adapters import TrainConfig, train_adapters
+    from moshivis_lab.train.vis_eval import run_image_tokens
 
     cfg = smoke_pretrained
     tcfg = TrainConfig.smoke().replace(image_tokens="oracle")
@@ -80,17 +82,6 @@ def test_oracle_run_trains_and_evaluates_on_oracle_tokens(smoke_pretrained, one_
     assert rep["finished"] and rep["config"]["image_tokens"] == "oracle"
     assert run_image_tokens(cfg, "oracle") == "oracle"
     assert run_image_tokens(cfg, "never_trained") == "encoder"
-    ev = evaluate_moshivis(
-        cfg,
-        load_trained(cfg, "oracle"),
-        run="oracle",
-        splits=("test",),
-        per_type=2,
-        spoken_per_type=1,
-        n_captions=1,
-        n_speech=1,
-        gate_batches=1,
-        progress=False,
-    )
+    ev = evaluate_small(cfg, "oracle")
     assert ev["image_tokens"] == "oracle"
     assert 0.0 <= ev["test"]["text_prompts"]["vqa_all"]["accuracy"] <= 1.0

@@ -112,24 +112,10 @@ def test_reply_scoring_and_caption_f1():
     assert caption_f1(["a red star"], ["a blue circle"]) == 0.0
 
 
-def test_evaluation_report_has_every_section(smoke_pretrained, one_torch_thread):
-    from moshivis_lab.train.vis_eval import evaluate_moshivis
-
+def test_evaluation_report_has_every_section(smoke_pretrained, one_torch_thread, evaluate_small):
     cfg = smoke_pretrained
     train_adapters(cfg, TrainConfig.smoke(), run="straight", progress=False, log=lambda *_: None)
-    model = load_trained(cfg, "straight")
-    rep = evaluate_moshivis(
-        cfg,
-        model,
-        run="straight",
-        splits=("test",),
-        per_type=2,
-        spoken_per_type=1,
-        n_captions=2,
-        n_speech=2,
-        gate_batches=1,
-        progress=False,
-    )
+    rep = evaluate_small(cfg, "straight")
     test = rep["test"]
     for mode in ("text_prompts", "spoken_prompts"):
         assert 0.0 <= test[mode]["vqa_all"]["accuracy"] <= 1.0
