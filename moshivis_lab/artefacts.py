@@ -121,6 +121,11 @@ KEY_NEUTRAL_FIELDS: dict[str, Any] = {
     "listen_len": 56,  # PretrainConfig (only read when listen_batch_size > 0)
     "pool_tokens": 0,  # XAConfig: the encoder tokens alone
     "image_tokens": "encoder",  # TrainConfig: the frozen encoder's tokens (not the oracle's)
+    "out_proj_init": "default",  # XAConfig: Kyutai's out_proj init (truncated normal)
+    "answer_weight": 1.0,  # MixConfig: short answers weigh as any assistant token
+    "caption_weight": 1.0,  # MixConfig: captions weigh as any assistant token
+    "pack_answers_first": False,  # MixConfig: packed items in a random order
+    "p_qa_session": 0.0,  # MixConfig: speechless samples only from the text shard
 }
 
 

@@ -540,6 +540,7 @@ def preset(name: str, data_dir: str | os.PathLike[str] | None = None) -> LabConf
 
 XA_GATINGS = ("conditional_sigmoid", "tanh_scalar", "none")
 XA_SHARINGS = ("qkv", "kv", "none")
+XA_OUT_INITS = ("default", "zero")
 
 
 @dataclass(frozen=True)
@@ -557,11 +558,11 @@ class XAConfig:
     starts (the released demos use 16). ``image_dim``: width of the image encoder's tokens.
     ``num_heads``: cross-attention heads (None = the LM's). ``pool_tokens``: 0 (the paper's)
     or ``k``: the image prefix also offers the mean of every ``k x k`` block of the encoder's
-    square token grid, appended after the tokens (no parameters; a block's mean can carry what
-    no single token does, e.g. an object's shape: at the tiny preset a linear probe reads shape
-    from a world cell's mean at 80 % but from one token at 36 %). Measured at the tiny preset
-    with 3 x 3 blocks (the world's cells), validation VQA by text, right vs shuffled image:
-    40.0 / 32.8 % against 40.3 / 28.9 % without, so it is off by default.
+    square token grid, appended after the tokens (no parameters).
+    ``gate_bias`` and ``out_proj_init`` set where training starts: Kyutai's code uses bias -4
+    (``g = 0.018``) with the default (truncated normal) ``out_proj``, so the update ``g * y`` is
+    small but not zero; ``out_proj_init="zero"`` starts ``y = 0`` (so ``g * y = 0`` at init
+    whatever the bias) and lets a larger bias (0: ``g = 0.5``) pass the gradient undamped.
     """
 
     gating: str = "conditional_sigmoid"
@@ -573,9 +574,16 @@ class XAConfig:
     gate_bias: float = -4.0
     num_heads: int | None = None
     pool_tokens: int = 0
+    out_proj_init: str = "default"
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check(
+            self.out_proj_init in XA_OUT_INITS,
+            "XAConfig",
+            "out_proj_init",
+            f"must be one of {XA_OUT_INITS}, got {self.out_proj_init!r}",
+        )
         _check(
             self.gating in XA_GATINGS,
             "XAConfig",
@@ -632,8 +640,16 @@ class XAConfig:
 
     @classmethod
     def tiny(cls, lm_cfg: LMConfig, image_dim: int) -> XAConfig:
-        """The paper's adapters for a tiny LM and encoder: cross-attention from step 0."""
-        return cls(image_dim=image_dim, num_heads=lm_cfg.num_heads, xa_start=0)
+        """The paper's adapters for a tiny LM and encoder, cross-attention from step 0, started
+        where a few hundred CPU steps can move them: gate bias 0 with a zero ``out_proj`` (so
+        ``g * y = 0`` at init, as with Kyutai's init, but the gate passes half the update)."""
+        return cls(
+            image_dim=image_dim,
+            num_heads=lm_cfg.num_heads,
+            xa_start=0,
+            gate_bias=0.0,
+            out_proj_init="zero",
+        )
 
     @classmethod
     def moshika_vis(cls) -> XAConfig:

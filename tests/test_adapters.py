@@ -49,7 +49,10 @@ IMAGE_DIM, N_IMAGE = 24, 5
 
 
 def vis_cfg(**xa) -> MoshiVisConfig:
-    return MoshiVisConfig.tiny(LM, image_dim=IMAGE_DIM, **xa)
+    """Kyutai's init unless told otherwise (the image matters from the first step)."""
+    return MoshiVisConfig.tiny(
+        LM, image_dim=IMAGE_DIM, **{"gate_bias": -4.0, "out_proj_init": "default", **xa}
+    )
 
 
 def build(seed: int = 0, lm: MoshiLM | None = None, **xa) -> MoshiVis:
@@ -230,6 +233,35 @@ def test_gate_zero_equals_base_bit_for_bit(base: MoshiLM, model: MoshiVis) -> No
         assert gates[j].shape == (2, LM.num_layers) and (gates[j] == 0).all()
     _, text, _, _ = stream(model, user, kv)
     assert not torch.equal(text[5], ref_text[5])
+
+
+@pytest.mark.parametrize("sharing", ["qkv", "kv", "none"])
+def test_zero_out_proj_starts_at_the_base_model_and_still_learns(base: MoshiLM, sharing) -> None:
+    with pytest.raises(ValueError, match="out_proj_init"):
+        XAConfig(out_proj_init="small")
+    codes, img = random_codes(2, 9), image(2)
+    ref = base(codes)
+    model = build(lm=copy.deepcopy(base), sharing=sharing, gate_bias=0.0, out_proj_init="zero")
+    assert all((a.attention.out_proj.weight == 0).all() for a in model.adapters)
+    assert "out_proj zero-init" in repr(model.adapters[0].attention)
+    out, cache = model.run_with_cache(codes, img, names_filter="*.hook_gate")
+    # y = 0: the update g * y is exactly 0, the base model bit for bit, and the gate is sigmoid(0)
+    assert same(out.text_logits, ref.text_logits) and same(out.logits, ref.logits)
+    assert all(torch.allclose(g, torch.full_like(g, 0.5)) for g in cache.values())
+    # only out_proj gets a gradient at the first step; after one update the image matters
+    freeze_for_adapters(model)
+    model.train()
+    loss = model(codes, img).text_logits.float().logsumexp(-1).mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any("out_proj" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
+    with torch.no_grad():
+        for a in model.adapters:
+            a.attention.out_proj.weight.add_(0.01)
+    assert not same(model.eval()(codes, img).text_logits, ref.text_logits)
+    # Kyutai's init stays the paper's: bias -4, truncated-normal out_proj
+    kyutai = XAConfig.moshika_vis()
+    assert (kyutai.gate_bias, kyutai.out_proj_init) == (-4.0, "default")
 
 
 def test_tanh_scalar_starts_closed_and_none_is_open(base: MoshiLM) -> None:

@@ -170,7 +170,15 @@ class CrossAttention(nn.Module):
     ``[2 dim, dim]``. Only ``query``: ``in_proj_weight_q`` ``[dim, dim]`` and ``out_proj``.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, query: bool = True, key_value: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        query: bool = True,
+        key_value: bool = True,
+        zero_out: bool = False,
+    ):
         super().__init__()
         if not (query or key_value):
             raise ValueError("a CrossAttention needs query and/or key_value projections")
@@ -178,6 +186,7 @@ class CrossAttention(nn.Module):
             raise ValueError(f"num_heads {num_heads} must divide dim {dim}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.has_query, self.has_kv = query, key_value
+        self.zero_out = zero_out
         rows = (dim if query else 0) + (2 * dim if key_value else 0)
         weight = nn.Parameter(torch.empty(rows, dim))
         if query and key_value:
@@ -194,9 +203,12 @@ class CrossAttention(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The LM's init: truncated normal with ``std = 1/sqrt(dim)``."""
+        """The LM's init: truncated normal with ``std = 1/sqrt(dim)``; ``out_proj`` zero with
+        ``zero_out`` (the output ``y`` then starts at exactly 0)."""
         for p in self.parameters():
             _trunc_normal_(p)
+        if self.zero_out and self.out_proj is not None:
+            self.out_proj.weight.zero_()
 
     def _weight(self) -> torch.Tensor:
         if self.has_query and self.has_kv:
@@ -231,7 +243,8 @@ class CrossAttention(nn.Module):
             parts = "Q/K/V/out" if self.has_kv else "Q/out"
         else:
             parts = "K/V"
-        return f"dim={self.dim}, heads={self.num_heads}, projections={parts}"
+        zero = ", out_proj zero-init" if self.zero_out and self.has_query else ""
+        return f"dim={self.dim}, heads={self.num_heads}, projections={parts}{zero}"
 
 
 class XAGate(nn.Module):

@@ -99,12 +99,15 @@ class MoshiVis(_hooks.HookedModel, nn.Module):
         self.cfg = cfg
         xa, d, eps = cfg.xa, cfg.lm.dim, cfg.lm.norm_eps
         heads = cfg.xa_heads
+        zero_out = xa.out_proj_init == "zero"
         factory = {"device": lm.device, "dtype": lm.dtype}
         # Registered before ``lm`` so that hook names come in forward order.
         self.image_prefix = ImagePrefix(xa.image_dim, d, eps, xa.pool_tokens).to(**factory)
         self.shared_xa: CrossAttention | None = None
         if xa.sharing != "none":
-            self.shared_xa = CrossAttention(d, heads, query=xa.sharing == "qkv").to(**factory)
+            self.shared_xa = CrossAttention(
+                d, heads, query=xa.sharing == "qkv", zero_out=zero_out
+            ).to(**factory)
         self.shared_gate: XAGate | None = None
         if xa.gate_shared:
             self.shared_gate = XAGate(xa.gating, d, xa.gate_bias).to(**factory)
@@ -114,9 +117,9 @@ class MoshiVis(_hooks.HookedModel, nn.Module):
                 assert self.shared_xa is not None
                 mha, group = self.shared_xa, 0
             elif xa.sharing == "kv":
-                mha, group = CrossAttention(d, heads, key_value=False), 0
+                mha, group = CrossAttention(d, heads, key_value=False, zero_out=zero_out), 0
             else:
-                mha, group = CrossAttention(d, heads), n
+                mha, group = CrossAttention(d, heads, zero_out=zero_out), n
             if xa.gate_shared:
                 gate = self.shared_gate
             else:
