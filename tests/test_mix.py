@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from moshivis_lab.config import ZERO_TOKEN
 from moshivis_lab.train.mix import (
@@ -168,3 +169,118 @@ def test_speechless_samples_close_each_answer_with_a_mark(smoke_world):
         assert (w[after] == 0).all()
     tok = TextTokenizer.load(smoke_world.tokenizer_path)
     assert prompt_tokens(tok, "Is it red?") == tok.encode("Is it red?")
+
+
+def test_answer_and_caption_weights_scale_their_tokens_only(smoke_world):
+    from moshivis_lab.train.mix import SHORT_ANSWER_TASKS
+
+    for bad in ({"answer_weight": -1.0}, {"caption_weight": float("nan")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MixConfig(**bad)
+    mix = MixConfig(p_audio=0.0, p_concat=0.0, pack_items=1)
+    plain = MixedData(smoke_world, "train", mix)
+    heavy = MixedData(smoke_world, "train", mix.replace(answer_weight=4.0, caption_weight=0.25))
+    seen = set()
+    for i in plain.texts[:60]:
+        a = plain.text_sample(i, np.random.default_rng(i), False)
+        b = heavy.text_sample(i, np.random.default_rng(i), False)
+        assert (a["codes"] == b["codes"]).all(), "weights never change the tokens"
+        task = plain.text.meta[i]["task"]
+        words = (a["text_weight"] > 0) & (a["codes"][0] != TURN_MARK)
+        factor = 4.0 if task in SHORT_ANSWER_TASKS else 0.25 if task == "caption" else 1.0
+        assert np.allclose(b["text_weight"][words], factor * a["text_weight"][words])
+        assert (b["text_weight"][~words] == a["text_weight"][~words]).all()
+        seen.add(task)
+    assert {"caption", "vqa"} <= seen
+
+
+def test_answers_first_packs_short_answers_before_the_rest(smoke_world):
+    from moshivis_lab.train.mix import SHORT_ANSWER_TASKS
+
+    mix = MixConfig(p_audio=0.0, p_concat=0.0, text_len=40, pack_items=6)
+    first = MixedData(smoke_world, "train", mix.replace(pack_answers_first=True))
+    plain = MixedData(smoke_world, "train", mix)
+    counts = {True: 0, False: 0}
+    for i in first.texts:
+        n = len(first._item(i)[0])
+        for data in (first, plain):
+            chosen = data.companions(i, n, np.random.default_rng(i))
+            short = [data.text.meta[j].get("task") in SHORT_ANSWER_TASKS for j in chosen]
+            counts[data.mix.pack_answers_first] += sum(short)
+            assert len(chosen) <= 5 and i not in chosen
+            image = data.text.meta[i]["image_id"]
+            assert all(data.text.meta[j]["image_id"] == image for j in chosen)
+        # with answers first, no other item is taken while a short answer still fits: the
+        # short-answer companions come first
+        chosen = first.companions(i, n, np.random.default_rng(i))
+        flags = [first.text.meta[j].get("task") in SHORT_ANSWER_TASKS for j in chosen]
+        assert flags == sorted(flags, reverse=True)
+    assert counts[True] >= counts[False] > 0
+
+
+def test_samples_mark_the_assistant_positions(smoke_world):
+    from moshivis_lab.train.mix import turn_speaker
+
+    meta = {
+        "turns": [
+            {"start_frame": 0, "speaker": "user"},
+            {"start_frame": 5, "speaker": "assistant"},
+            {"start_frame": 9, "speaker": "user"},
+        ]
+    }
+    assert turn_speaker(meta, 12).tolist() == [False] * 5 + [True] * 4 + [False] * 3
+    data = MixedData(smoke_world, "train", MixConfig(p_audio=0.5, p_concat=1.0))
+    b = batch_for_step(data, 8, seed=0, step=0)
+    assert b.assistant.shape == b.relevance.shape and b.assistant.dtype == torch.bool
+    for r in range(8):
+        a = b.assistant[r].numpy()
+        if bool(b.is_speech[r]):
+            assert a.any() and not a.all(), "speech samples hold user and assistant turns"
+        else:  # speechless: the assistant's positions are exactly the weighted ones
+            assert (a == (b.text_weight[r].numpy() > 0)).all()
+        assert not a[b.relevance[r].numpy() < 0].any(), "padding is nobody's"
+
+
+def test_qa_sessions_are_fresh_short_answers_about_one_training_image(smoke_world):
+    from moshivis_lab.world.generate import load_scenes
+    from moshivis_lab.world.tokenizer import TextTokenizer
+
+    with pytest.raises(ValueError, match="p_qa_session"):
+        MixConfig(p_qa_session=1.5)
+    plain = MixedData(smoke_world, "train", MixConfig(p_audio=0.0))
+    with pytest.raises(ValueError, match="p_qa_session"):
+        plain.qa_session(np.random.default_rng(0), False)
+    mix = MixConfig(p_audio=0.0, p_concat=0.0, p_qa_session=1.0, answer_weight=3.0, pack_items=6)
+    data = MixedData(smoke_world, "train", mix)
+    train_ids = {sc.id for sc in load_scenes(smoke_world)["train"]}
+    tok = TextTokenizer.load(smoke_world.tokenizer_path)
+    b = batch_for_step(data, 6, seed=0, step=0)
+    assert all(name.startswith("qa_session:") for name in data.last_ids)
+    for r in range(6):
+        image_id = data.last_ids[r].split(":", 1)[1]
+        assert image_id in train_ids and data.image_ids[int(b.image_index[r])] == image_id
+        ids = b.codes[r, 0].numpy()
+        valid = ids != ZERO_TOKEN
+        assert valid.sum() <= mix.text_len and (b.codes[r, 1:] == ZERO_TOKEN).all()
+        w = b.text_weight[r].numpy()[valid]
+        marks = ids[valid] == TURN_MARK
+        n_items = int(marks.sum())
+        assert 2 <= n_items <= 6, "several short answers per session"
+        # answers weigh answer_weight, their closing marks 1, the user's questions 0
+        assert set(w[marks].tolist()) == {1.0} and set(w[~marks].tolist()) <= {0.0, 3.0}
+        text = tok.decode([int(t) for t in ids[valid] if t != TURN_MARK])
+        assert "?" in text
+    # a function of (seed, step): the same batch again, another one at the next step
+    again = batch_for_step(data, 6, seed=0, step=0)
+    assert torch.equal(again.codes, b.codes)
+    assert not torch.equal(
+        batch_for_step(data, 6, seed=0, step=1).codes[:, 0, :8], b.codes[:, 0, :8]
+    )
+    # p_qa_session = 0.5: about half the speechless samples are sessions
+    half = MixedData(smoke_world, "train", mix.replace(p_qa_session=0.5))
+    names = []
+    for step in range(8):
+        batch_for_step(half, 8, seed=0, step=step)
+        names += half.last_ids
+    share = np.mean([n.startswith("qa_session:") for n in names])
+    assert 0.3 < share < 0.7

@@ -8,6 +8,8 @@ codes, rows 9..16 the user's) that talks about one image, plus two per-position 
 - ``relevance [T]``: 1 where the dialogue is about the image, 0 on glued unrelated talk, -1 where
   it is undefined (padding). It is never used by the loss: it is the ground truth of the gate
   image-relevance analysis.
+- ``assistant [T]``: True where the assistant speaks (its turns' frames in speech samples, its
+  tokens and turn marks in speechless ones): the positions where the loss trains the gate.
 
 A **speech** sample (probability ``p_audio``) is a spoken image dialogue of the world, its text row
 the assistant's timed inner monologue. A **speechless** sample is an image-text item (caption, VQA,
@@ -49,6 +51,7 @@ TURN_MARK = TEXT_EPAD_ID  # closes each assistant turn of a speechless sample
 # layout are retrained rather than reused (1: turns unmarked; 2: a mark before and after each
 # answer; 3: a mark after each answer).
 SPEECHLESS_FORMAT = 3
+SHORT_ANSWER_TASKS = ("vqa", "ocr", "count")  # image-text items whose reply is a short answer
 
 
 def mark_turns(ids: np.ndarray, roles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -105,10 +108,16 @@ class MixConfig:
     text_len: int = 96  # tokens per speechless sample
     user_text_weight: float = 0.0  # loss weight of the user's tokens in speechless samples
     pack_items: int = 4  # image-text items of one image joined into a speechless sample
+    answer_weight: float = 1.0  # loss weight of short answers (VQA, OCR, counting), speechless
+    caption_weight: float = 1.0  # loss weight of caption tokens in speechless samples
+    pack_answers_first: bool = False  # pack a sample's short-answer items before the others
+    # probability that a speechless sample is a fresh QA session: short-answer items made anew
+    # from a training image's scene graph (world.tasks.make_tasks), as many as fit
+    p_qa_session: float = 0.0
 
     def __post_init__(self) -> None:
         _check_types(self)  # a value of the wrong kind fails here, the field named
-        for n in ("p_audio", "p_concat"):
+        for n in ("p_audio", "p_concat", "p_qa_session"):
             v = getattr(self, n)
             _check(0.0 <= v <= 1.0, "MixConfig", n, f"must be a probability in [0, 1], got {v}")
         _check(
@@ -120,16 +129,29 @@ class MixConfig:
         for n in ("speech_len", "text_len"):
             v = getattr(self, n)
             _check(v >= 8, "MixConfig", n, f"must be >= 8, got {v}")
-        _check(
-            self.user_text_weight >= 0,
-            "MixConfig",
-            "user_text_weight",
-            f"must be >= 0, got {self.user_text_weight}",
-        )
+        for n in ("user_text_weight", "answer_weight", "caption_weight"):
+            v = getattr(self, n)
+            _check(v >= 0 and v == v, "MixConfig", n, f"must be >= 0, got {v}")
 
     def replace(self, **changes: Any) -> MixConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def answer_dense(cls) -> MixConfig:
+        """The tiny preset's mix: as many short answers per step as the budget allows. Speech
+        samples 10 % (the p_audio sweep shows speech kept there), half the speechless samples
+        fresh QA sessions from the scene graphs, up to eight items per sample within 128 tokens,
+        short answers first, weighted 4x, captions 0.25x."""
+        return cls(
+            p_audio=0.1,
+            text_len=128,
+            pack_items=8,
+            answer_weight=4.0,
+            caption_weight=0.25,
+            pack_answers_first=True,
+            p_qa_session=0.5,
+        )
 
 
 @dataclass
@@ -141,6 +163,7 @@ class Batch:
     relevance: torch.Tensor
     image_index: torch.Tensor  # row of the image-token table of the split
     is_speech: torch.Tensor  # bool [B]
+    assistant: torch.Tensor  # bool [B, T]: the assistant's positions
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on ``device``."""
@@ -161,6 +184,8 @@ class MixedData:
 
             tokenizer = TextTokenizer.load(cfg.tokenizer_path)
         self.mix = mix
+        self.tokenizer = tokenizer
+        self.split = split
         self.last_ids: list[str] = []
         shards = load_split(cfg, split)
         self.speech: ShardReader = shards["speech"]
@@ -181,6 +206,12 @@ class MixedData:
             self.chat_text.append(dialogue_tokens(tokenizer, self.speech.meta[i].get("turns", [])))
         if not self.texts:
             raise ValueError(f"split {split!r} has no image-text samples; rebuild the world data")
+        self.scenes: dict[str, Any] = {}
+        if mix.p_qa_session > 0:
+            from moshivis_lab.world.generate import load_scenes
+
+            self.scenes = {sc.id: sc for sc in load_scenes(cfg)[split] if sc.id in self.image_row}
+            self.session_images = sorted(self.scenes)
         if mix.p_audio > 0 and not self.spoken_image:
             raise ValueError(
                 f"p_audio={mix.p_audio} but split {split!r} has no spoken image dialogues; "
@@ -194,14 +225,18 @@ class MixedData:
         meta = self.speech.meta[i]
         grid = np.asarray(self.speech.tokens(i), dtype=np.int64)
         rel = turn_relevance(meta, grid.shape[1])
+        asst = turn_speaker(meta, grid.shape[1])
         if glue and self.spoken_chat:
             j = self.spoken_chat[int(rng.integers(len(self.spoken_chat)))]
             other = np.asarray(self.speech.tokens(j), dtype=np.int64)
             orel = np.zeros(other.shape[1], np.int64)
+            oasst = turn_speaker(self.speech.meta[j], other.shape[1])
             if rng.random() < 0.5:
                 grid, rel = np.concatenate([other, grid], 1), np.concatenate([orel, rel])
+                asst = np.concatenate([oasst, asst])
             else:
                 grid, rel = np.concatenate([grid, other], 1), np.concatenate([rel, orel])
+                asst = np.concatenate([asst, oasst])
         n = self.mix.speech_len
         start = _crop_start(rel, grid.shape[1], n, rng)
         grid, rel = grid[:, start : start + n], rel[start : start + n]
@@ -209,76 +244,155 @@ class MixedData:
             "codes": grid,
             "text_weight": (grid[0] != ZERO_TOKEN).astype(np.float32),
             "relevance": rel,
+            "assistant": asst[start : start + n],
             "image": self.image_row[meta["image_id"]],
             "speech": True,
         }
 
     def text_sample(self, i: int, rng: np.random.Generator, glue: bool) -> dict[str, Any]:
         """Speechless image-text sample ``i`` of the text shard (maybe with chit-chat glued on)."""
-        ids, roles = self._item(i)
+        ids, roles, scale = self._item(i)
         if self.mix.pack_items > 1:
-            ids, roles = self._pack(i, ids, roles, rng)
+            ids, roles, scale = self._pack(i, ids, roles, scale, rng)
+        return self._speechless(ids, roles, scale, self.text.meta[i]["image_id"], rng, glue)
+
+    def qa_session(self, rng: np.random.Generator, glue: bool) -> tuple[dict[str, Any], str]:
+        """A fresh speechless QA session about a random image of the split: its short-answer
+        items (VQA, OCR, counting) made anew from the scene graph by ``world.tasks.make_tasks``,
+        in a random order, as many as fit in ``text_len`` (at most ``pack_items``); and its id."""
+        from moshivis_lab.world.tasks import make_tasks
+
+        if not self.scenes:
+            raise ValueError("qa_session needs MixConfig.p_qa_session > 0 (scenes not loaded)")
+        image_id = self.session_images[int(rng.integers(len(self.session_images)))]
+        items = [
+            it for it in make_tasks(self.scenes[image_id], rng) if it.task in SHORT_ANSWER_TASKS
+        ]
+        parts_i, parts_r = [], []
+        total = 0
+        for k in rng.permutation(len(items)).tolist():
+            if len(parts_i) >= self.mix.pack_items:
+                break
+            q, a = self.tokenizer.encode(items[k].question), self.tokenizer.encode(items[k].answer)
+            ids, roles = mark_turns(
+                np.asarray(q + a, np.int64), np.asarray([0] * len(q) + [1] * len(a), np.int64)
+            )
+            if total + len(ids) > self.mix.text_len:
+                continue
+            parts_i.append(ids)
+            parts_r.append(roles)
+            total += len(ids)
+        ids, roles = np.concatenate(parts_i), np.concatenate(parts_r)
+        scale = np.where((roles == 1) & (ids != TURN_MARK), self.mix.answer_weight, 1.0)
+        sample = self._speechless(ids, roles, scale.astype(np.float32), image_id, rng, glue)
+        return sample, f"qa_session:{image_id}"
+
+    def _speechless(
+        self,
+        ids: np.ndarray,
+        roles: np.ndarray,
+        scale: np.ndarray,
+        image_id: str,
+        rng: np.random.Generator,
+        glue: bool,
+    ) -> dict[str, Any]:
+        """Marked image text as a speechless sample (maybe with chit-chat glued on)."""
         rel = np.ones(len(ids), np.int64)
         if glue and self.chat_text:
             cids, croles = self.chat_text[int(rng.integers(len(self.chat_text)))]
             crel = np.zeros(len(cids), np.int64)
+            cscale = np.ones(len(cids), np.float32)
             if rng.random() < 0.5:
-                ids, roles, rel = (
-                    np.concatenate(x) for x in ((cids, ids), (croles, roles), (crel, rel))
+                ids, roles, rel, scale = (
+                    np.concatenate(x)
+                    for x in ((cids, ids), (croles, roles), (crel, rel), (cscale, scale))
                 )
             else:
-                ids, roles, rel = (
-                    np.concatenate(x) for x in ((ids, cids), (roles, croles), (rel, crel))
+                ids, roles, rel, scale = (
+                    np.concatenate(x)
+                    for x in ((ids, cids), (roles, croles), (rel, crel), (scale, cscale))
                 )
         n = self.mix.text_len
         if len(ids) > n:  # keep the image part whole where possible
             img = np.flatnonzero(rel == 1)
             start = min(max(int(img[-1]) + 1 - n, 0), int(img[0])) if len(img) else 0
-            ids, roles, rel = (
+            ids, roles, rel, scale = (
                 ids[start : start + n],
                 roles[start : start + n],
                 rel[start : start + n],
+                scale[start : start + n],
             )
         codes = np.full((N_ROWS, len(ids)), ZERO_TOKEN, np.int64)
         codes[0] = ids
-        w = np.where(roles == 1, 1.0, self.mix.user_text_weight).astype(np.float32)
+        w = np.where(roles == 1, scale, self.mix.user_text_weight).astype(np.float32)
         return {
             "codes": codes,
             "text_weight": w,
             "relevance": rel,
-            "image": self.image_row[self.text.meta[i]["image_id"]],
+            "assistant": roles == 1,
+            "image": self.image_row[image_id],
             "speech": False,
         }
 
-    def _item(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Row ``i`` of the text shard as marked speechless text (ids, roles)."""
+    def _item(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row ``i`` of the text shard as marked speechless text: ids, roles and the loss scale
+        of each assistant token (``answer_weight`` on a short answer's words, ``caption_weight``
+        on a caption's, 1 elsewhere and on the turn marks)."""
         tok = np.asarray(self.text.tokens(i), dtype=np.int64)
-        return mark_turns(tok[0], tok[1])
+        ids, roles = mark_turns(tok[0], tok[1])
+        task = self.text.meta[i].get("task")
+        factor = {"caption": self.mix.caption_weight}.get(task, 1.0)
+        if task in SHORT_ANSWER_TASKS:
+            factor = self.mix.answer_weight
+        scale = np.where((roles == 1) & (ids != TURN_MARK), factor, 1.0).astype(np.float32)
+        return ids, roles, scale
 
     def _pack(
-        self, i: int, ids: np.ndarray, roles: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self,
+        i: int,
+        ids: np.ndarray,
+        roles: np.ndarray,
+        scale: np.ndarray,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Item ``i`` followed by up to ``pack_items - 1`` other items of the same image, in a
-        random order, each added only while the whole stays within ``text_len`` tokens: one
-        forward then trains several answers about the image (a multi-turn text dialogue)."""
-        others = [j for j in self.texts_of_image[self.text.meta[i]["image_id"]] if j != i]
-        parts_i, parts_r = [ids], [roles]
-        total = len(ids)
-        for j in rng.permutation(len(others)).tolist():
-            if len(parts_i) >= self.mix.pack_items:
-                break
-            oi, orr = self._item(others[j])
-            if total + len(oi) > self.mix.text_len:
-                continue
+        random order (short answers first with ``pack_answers_first``), each added only while
+        the whole stays within ``text_len`` tokens: one forward then trains several answers
+        about the image (a multi-turn text dialogue)."""
+        parts_i, parts_r, parts_s = [ids], [roles], [scale]
+        for j in self.companions(i, len(ids), rng):
+            oi, orr, osc = self._item(j)
             parts_i.append(oi)
             parts_r.append(orr)
-            total += len(oi)
-        return np.concatenate(parts_i), np.concatenate(parts_r)
+            parts_s.append(osc)
+        return np.concatenate(parts_i), np.concatenate(parts_r), np.concatenate(parts_s)
+
+    def companions(self, i: int, length: int, rng: np.random.Generator) -> list[int]:
+        """The items ``_pack`` adds after item ``i`` (of ``length`` tokens): other items of its
+        image in a random order (short answers first with ``pack_answers_first``), each taken
+        while the whole stays within ``text_len``, up to ``pack_items - 1`` of them."""
+        others = [j for j in self.texts_of_image[self.text.meta[i]["image_id"]] if j != i]
+        order = [others[k] for k in rng.permutation(len(others)).tolist()]
+        if self.mix.pack_answers_first:
+            short = [j for j in order if self.text.meta[j].get("task") in SHORT_ANSWER_TASKS]
+            order = short + [j for j in order if j not in set(short)]
+        chosen: list[int] = []
+        total = length
+        for j in order:
+            if len(chosen) + 1 >= self.mix.pack_items:
+                break
+            n = len(self._item(j)[0])
+            if total + n > self.mix.text_len:
+                continue
+            chosen.append(j)
+            total += n
+        return chosen
 
     # ------------------------------------------------------------------ batches
 
     def batch(self, batch_size: int, rng: np.random.Generator) -> Batch:
-        """``batch_size`` samples: speech with probability ``p_audio``, else speechless."""
+        """``batch_size`` samples: speech with probability ``p_audio``, else speechless (a fresh QA
+        session with probability ``p_qa_session``, else an item of the text shard)."""
         samples, ids = [], []
         for _ in range(batch_size):
             glue = rng.random() < self.mix.p_concat
@@ -286,6 +400,10 @@ class MixedData:
                 i = self.spoken_image[int(rng.integers(len(self.spoken_image)))]
                 samples.append(self.speech_sample(i, rng, glue))
                 ids.append(sample_id(self.speech.meta[i], "speech", i))
+            elif self.mix.p_qa_session > 0 and rng.random() < self.mix.p_qa_session:
+                sample, name = self.qa_session(rng, glue)
+                samples.append(sample)
+                ids.append(name)
             else:
                 i = self.texts[int(rng.integers(len(self.texts)))]
                 samples.append(self.text_sample(i, rng, glue))
@@ -312,6 +430,17 @@ def turn_relevance(meta: dict[str, Any], n_frames: int) -> np.ndarray:
     return rel
 
 
+def turn_speaker(meta: dict[str, Any], n_frames: int) -> np.ndarray:
+    """Per frame: True inside an assistant turn (and the gap after it), as ``turn_relevance``."""
+    out = np.zeros(n_frames, bool)
+    turns = meta.get("turns") or []
+    for k, t in enumerate(turns):
+        start = int(t.get("start_frame", 0))
+        end = int(turns[k + 1]["start_frame"]) if k + 1 < len(turns) else n_frames
+        out[start:end] = t.get("speaker") == "assistant"
+    return out
+
+
 def _crop_start(rel: np.ndarray, total: int, n: int, rng: np.random.Generator) -> int:
     """A crop start that keeps image talk inside the crop when the sample is too long."""
     if total <= n:
@@ -333,17 +462,20 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
     codes = np.full((b, N_ROWS, t), ZERO_TOKEN, np.int64)
     weight = np.zeros((b, t), np.float32)
     rel = np.full((b, t), -1, np.int64)
+    asst = np.zeros((b, t), bool)
     for i, s in enumerate(samples):
         n = s["codes"].shape[1]
         codes[i, :, :n] = s["codes"]
         weight[i, :n] = s["text_weight"]
         rel[i, :n] = s["relevance"]
+        asst[i, :n] = s.get("assistant", s["text_weight"] > 0)
     return Batch(
         codes=torch.from_numpy(codes),
         text_weight=torch.from_numpy(weight),
         relevance=torch.from_numpy(rel),
         image_index=torch.tensor([s["image"] for s in samples], dtype=torch.long),
         is_speech=torch.tensor([s["speech"] for s in samples], dtype=torch.bool),
+        assistant=torch.from_numpy(asst),
     )
 
 
