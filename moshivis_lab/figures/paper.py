@@ -11,7 +11,7 @@ the seconds and the error instead of stopping at the first missing artefact.
 | ``adapter_architecture`` | the gated cross-attention block + adapter parameters, ours and 7B | ``adapters/<run>/train_report.json``, ``MoshiVisConfig.moshika_vis()`` on ``meta`` |
 | ``gates_topic_switch`` | gate score over a spoken dialogue with chit-chat glued before it | the trained run + the world |
 | ``gates_heatmap`` | the same dialogue's gate per layer and step | the trained run + the world |
-| ``gate_auroc`` | gate as an image-relevance detector: AUROC overall / speech / speechless / per layer | ``interp/report.json`` |
+| ``gate_auroc`` | gate as an image-relevance detector: AUROC per assistant turn / position / all positions, speech and speechless, per layer | ``interp/report.json`` |
 | ``attention_grid`` | cross-attention overlays, questions x layers | the trained run + the world |
 | ``pointing_attribution`` | pointing game per layer beside baselines; IG vs attention (Spearman) | ``interp/report.json`` |
 | ``p_audio_sweep`` | task accuracy (text / spoken prompts) and speech NLL vs p_audio | ``ablations/ablations.json`` |
@@ -329,57 +329,92 @@ def gates_heatmap_figure(dialogue: Any, trace: Any) -> go.Figure:
 # ---------------------------------------------------------------------- 3. gate AUROC
 
 
+_VIEW_LABELS = {
+    "assistant_turns": "per assistant turn",
+    "assistant_positions": "per assistant position",
+    "all_positions": "all positions",
+}
+
+
 def gate_auroc_figure(
     auroc: Mapping[str, Any], segments: Mapping[str, Any] | None = None
 ) -> go.Figure:
-    """The gate score as an unsupervised image-relevance detector.
+    """The gate score as an unsupervised image-relevance detector, where the gate acts and not.
 
-    ``auroc``: ``interp/report.json``'s ``gates.relevance_auroc`` (``auroc``, ``last_layers``,
-    ``speech`` / ``speechless`` with their mean gate on image and unrelated positions,
-    ``per_layer``). ``segments``: ``gates.segments_by_topic`` (mean gate on image / unrelated
-    turns of glued dialogues), optional. Dashed: 0.5, no signal.
+    ``auroc``: ``gate_auroc``'s result (``interp/report.json``'s ``gates.relevance_auroc`` or
+    ``eval.json``'s ``gates``): left, the AUROC per assistant turn, per assistant position and
+    over all positions, for speech, speechless and all samples (reports from before the views
+    give only "all positions"); per-layer AUROCs in grey. Right: the mean gate on image and on
+    unrelated talk per view. ``segments``: ``gates.segments_by_topic``, optional, adds the
+    glued dialogues' turn means. Dashed: 0.5, no signal.
     """
     if auroc.get("auroc") is None:
         raise FigureDataError("the report holds no gate AUROC")
-    labels = [f"all (last {auroc.get('last_layers', '?')} layers)"]
-    vals = [auroc["auroc"]]
-    colours = [_BLUE]
-    for kind in ("speech", "speechless"):
-        if auroc.get(kind):
-            labels.append(kind)
-            vals.append(auroc[kind].get("auroc"))
-            colours.append(_ORANGE)
-    for layer, v in (auroc.get("per_layer") or {}).items():
-        labels.append(f"layer {layer}")
-        vals.append(v)
-        colours.append(_GREY)
+    views = [v for v in _VIEW_LABELS if v != "all_positions" and auroc.get(v)] + ["all_positions"]
+    groups = (("all samples", None, _BLUE), ("speech", "speech", _ORANGE),
+              ("speechless", "speechless", _GREEN))  # fmt: skip
+
+    def view_of(kind: str | None, view: str) -> Mapping[str, Any] | None:
+        src = auroc if kind is None else auroc.get(kind)
+        if not src:
+            return None
+        if view == "all_positions":
+            if kind is None:
+                return src.get("all_positions") or {"auroc": src.get("auroc")}
+            return src
+        return src.get(view)
+
     fig = make_subplots(
         rows=1,
         cols=2,
         column_widths=[0.62, 0.38],
         subplot_titles=("AUROC of the gate for 'about the image'", "mean gate"),
     )
-    fig.add_trace(
-        go.Bar(
-            x=labels,
-            y=vals,
-            marker_color=colours,
-            text=[f"{v:.3f}" if v is not None else "" for v in vals],
-            textposition="outside",
-            name="AUROC",
-            showlegend=False,
-        ),
-        row=1,
-        col=1,
-    )
+    xs = [_VIEW_LABELS[v] for v in views]
+    for name, kind, colour in groups:
+        ys = [(view_of(kind, v) or {}).get("auroc") for v in views]
+        if all(y is None for y in ys):
+            continue
+        fig.add_trace(
+            go.Bar(
+                x=xs,
+                y=ys,
+                name=name,
+                marker_color=colour,
+                text=[f"{y:.2f}" if y is not None else "" for y in ys],
+                textposition="outside",
+                legendgroup="auroc",
+            ),
+            row=1,
+            col=1,
+        )
+    layers = auroc.get("per_layer") or {}
+    if layers:
+        fig.add_trace(
+            go.Bar(
+                x=[f"layer {k}" for k in layers],
+                y=list(layers.values()),
+                name="one layer (all positions)",
+                marker_color=_GREY,
+            ),
+            row=1,
+            col=1,
+        )
     fig.add_hline(y=0.5, line={"dash": "dash", "color": "black"}, row=1, col=1)
-    fig.update_yaxes(range=[0, 1.05], title="AUROC", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.1], title="AUROC", row=1, col=1)
     cats, img, unrel = [], [], []
-    for kind in ("speech", "speechless"):
-        if auroc.get(kind):
-            cats.append(kind)
-            img.append(auroc[kind].get("mean_gate_image"))
-            unrel.append(auroc[kind].get("mean_gate_unrelated"))
+    for v in views:
+        d = view_of(None, v) or {}
+        if d.get("mean_gate_image") is None and v == "all_positions":
+            for kind in ("speech", "speechless"):  # old reports: per kind only
+                if auroc.get(kind):
+                    cats.append(f"{kind}, all positions")
+                    img.append(auroc[kind].get("mean_gate_image"))
+                    unrel.append(auroc[kind].get("mean_gate_unrelated"))
+            continue
+        cats.append(_VIEW_LABELS[v])
+        img.append(d.get("mean_gate_image"))
+        unrel.append(d.get("mean_gate_unrelated"))
     if segments and "image" in segments and "unrelated" in segments:
         cats.append("turns (glued dialogues)")
         img.append(segments["image"].get("mean"))
@@ -389,7 +424,7 @@ def gate_auroc_figure(
     fig.update_yaxes(title="gate", rangemode="tozero", row=1, col=2)
     return finish(
         fig,
-        height=400,
+        height=420,
         title="gates as an image-relevance score (paper: higher on image talk; 0.5 = no signal)",
         barmode="group",
     )
@@ -657,8 +692,9 @@ def _pct(v: Any) -> str:
 
 
 def gating_sharing_table_figure(ablations: Mapping[str, Any]) -> go.Figure:
-    """The gating x sharing grid at equal compute, ours beside the paper's Table 5 (OCR-VQA
-    accuracy, text / speech prompt). ``ablations``: ``ablations/ablations.json``."""
+    """The gating x sharing grid (and the init sweep, when run) at equal compute, ours beside the
+    paper's Table 5 (OCR-VQA accuracy, text / speech prompt). ``ablations``:
+    ``ablations/ablations.json``."""
     rows = _rows(ablations, "grid")
     header = [
         "variant",
@@ -667,7 +703,7 @@ def gating_sharing_table_figure(ablations: Mapping[str, Any]) -> go.Figure:
         "VQA spoken %",
         "OCR text %",
         "OCR spoken %",
-        "gate AUROC",
+        "gate AUROC turn / all",
         "audio NLL",
         "paper OCR-VQA text / speech %",
     ]
@@ -681,7 +717,12 @@ def gating_sharing_table_figure(ablations: Mapping[str, Any]) -> go.Figure:
         [_pct(r.get("spoken_vqa")) for r in rows],
         [_pct(r.get("text_ocr")) for r in rows],
         [_pct(r.get("spoken_ocr")) for r in rows],
-        ["-" if r.get("gate_auroc") is None else f"{r['gate_auroc']:.3f}" for r in rows],
+        [
+            " / ".join(
+                "-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("gate_auroc_turns", "gate_auroc")
+            )
+            for r in rows
+        ],
         [
             "-"
             if r.get("audio_nll_unrelated_image") is None
@@ -710,7 +751,7 @@ def gating_sharing_table_figure(ablations: Mapping[str, Any]) -> go.Figure:
     return finish(
         fig,
         height=120 + 30 * len(rows),
-        title=f"gating x sharing at equal compute ({ablations.get('steps_per_variant', '?')} steps "
+        title=f"gating x sharing, init: equal compute ({ablations.get('steps_per_variant', '?')} steps "
         "x batch {}), ours beside the paper's Table 5".format(ablations.get("batch_size", "?")),
         width=1100,
     )

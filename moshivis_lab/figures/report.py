@@ -179,6 +179,17 @@ def _adapters(src: Sources) -> list[Row]:
         ),
         ("caption attribute F1 (test)", _f(t.get("caption_attribute_f1")), "-", ""),
     ]
+    blind = t.get("referent_blind", {})
+    for kind in sorted(k for k in text if k.startswith("vqa/")):
+        rows.append(
+            (
+                f"... {kind[4:]} questions, text prompt (test)",
+                _pct(_get(text, kind, "accuracy")),
+                "-",
+                f"referent-blind {_pct(_get(blind, kind, 'accuracy'))} "
+                f"({_get(blind, kind, 'rule') or '-'}); majority {_pct(_get(ch, kind, 'majority'))}",
+            )
+        )
     h = ev.get("heldout", {})
     if h:
         rows.append(
@@ -210,16 +221,25 @@ def _gates(src: Sources) -> list[Row]:
     chk = rep.get("checks", {})
     rows: list[Row] = [
         (
-            f"gate AUROC for image talk (last {a.get('last_layers', '-')} layers)",
-            _f(a.get("auroc")),
+            f"gate AUROC for image talk per assistant turn (last {a.get('last_layers', '-')} layers)",
+            _f(_get(a, "assistant_turns", "auroc")),
             "> 0.5 (qualitative)",
             "paper: gates act as an unsupervised image-relevance score",
         ),
         (
-            "... speech / speechless samples",
-            f"{_f(_get(a, 'speech', 'auroc'))} / {_f(_get(a, 'speechless', 'auroc'))}",
+            "... per assistant position (where the loss trains the gate)",
+            _f(_get(a, "assistant_positions", "auroc")),
             "-",
-            "0.5 = no signal",
+            "speech / speechless: "
+            f"{_f(_get(a, 'speech', 'assistant_positions', 'auroc'))} / "
+            f"{_f(_get(a, 'speechless', 'assistant_positions', 'auroc'))}",
+        ),
+        (
+            "... all positions (user turns, pads and marks included)",
+            _f(a.get("auroc")),
+            "-",
+            f"speech / speechless: {_f(_get(a, 'speech', 'auroc'))} / "
+            f"{_f(_get(a, 'speechless', 'auroc'))}; 0.5 = no signal",
         ),
         (
             "mean gate on image / unrelated turns",

@@ -509,14 +509,17 @@ def _quiet() -> Iterator[None]:
 
 @dataclass
 class RelevanceAUROC:
-    """The gate score as a detector of image talk (``train.vis_eval.gate_auroc``), overall and
-    for speech / speechless samples, plus the AUROC of each layer alone when computed."""
+    """The gate score as a detector of image talk (``train.vis_eval.gate_auroc``): ``auroc`` over
+    all positions, ``views`` (``assistant_positions``, ``assistant_turns``, ``all_positions``
+    pooled), speech / speechless samples apart (each with the same views), plus the AUROC of
+    each layer alone (all positions) when computed."""
 
     auroc: float
     last_layers: int
-    speech: dict[str, float] | None
-    speechless: dict[str, float] | None
+    speech: dict[str, Any] | None
+    speechless: dict[str, Any] | None
     per_layer: dict[int, float] = field(default_factory=dict)
+    views: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -526,6 +529,7 @@ class RelevanceAUROC:
             "speech": self.speech,
             "speechless": self.speechless,
             "per_layer": {str(k): v for k, v in self.per_layer.items()},
+            **self.views,
         }
 
 
@@ -587,12 +591,15 @@ def relevance_auroc(
             b = batch_for_step(data, batch_size, seed, i)
             traces += batch_traces(model, b, table)
         layers = auroc_per_layer(traces)
+    from moshivis_lab.train.vis_eval import GATE_VIEWS
+
     return RelevanceAUROC(
         float(res["auroc"]),
         int(res["last_layers"]),
         res.get("speech"),
         res.get("speechless"),
         layers,
+        {v: res[v] for v in GATE_VIEWS if res.get(v)},
     )
 
 

@@ -11,8 +11,8 @@
 (c) **Speech kept**: assistant audio NLL on held-out chit-chat recordings for the base LM, and
     for the adapted model with no image and with an unrelated image.
 (d) **Gates as an image-relevance score**: on validation samples with unrelated chit-chat glued
-    on, the AUROC of the per-token gate (mean over the last 10 layers, as the paper) for "this
-    position belongs to the talk about the image".
+    on, the AUROC of the gate (mean over the last 10 layers, as the paper) for "this is about the
+    image", per assistant position, per assistant turn and (as before) over all positions.
 """
 
 from __future__ import annotations
@@ -78,6 +78,43 @@ def chance_levels(cfg: LabConfig) -> dict[str, dict[str, float]]:
         k: {"uniform": 1.0 / len(c), "majority": max(c.values()) / sum(c.values())}
         for k, c in answers.items()
     }
+
+
+REFERENT_ATTRIBUTES = ("colour", "shape", "size", "position")
+
+
+def referent_blind(cfg: LabConfig, items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per question type, the expected accuracy on ``items`` of an answerer that sees the
+    image's objects but not which one is asked: colour / shape / size / position questions get
+    the scene's most common value (ties share the credit); other types (yes/no, counts, OCR)
+    the train split's majority answer, which needs no image. A model that binds the question to
+    its object beats this; one that only reads the scene's gist does not."""
+    from moshivis_lab.world.generate import load_scenes
+
+    scenes = {sc.id: sc for split in load_scenes(cfg).values() for sc in split}
+    prior: dict[str, Counter[str]] = defaultdict(Counter)
+    for it in task_items(cfg, "train"):
+        if it["task"] != "caption":
+            prior[it["type"]][it["answer"].lower()] += 1
+    per: dict[str, list[float]] = defaultdict(list)
+    how: dict[str, str] = {}
+    for it in items:
+        kind = it["type"]
+        attr = kind.split("/", 1)[-1]
+        if it["task"] == "vqa" and attr in REFERENT_ATTRIBUTES:
+            values = Counter(getattr(o, attr) for o in scenes[it["image_id"]].objects)
+            top = max(values.values())
+            best = [v for v, c in values.items() if c == top]
+            per[kind].append(float(it["answer"] in best) / len(best))
+            how[kind] = "the scene's most common value"
+        elif prior.get(kind):
+            per[kind].append(float(prior[kind].most_common(1)[0][0] == it["answer"].lower()))
+            how[kind] = "the train majority answer"
+    out = {k: {"n": len(v), "accuracy": float(np.mean(v)), "rule": how[k]} for k, v in per.items()}
+    vqa = [x for k, v in per.items() if k.startswith("vqa/") for x in v]
+    if vqa:
+        out["vqa_all"] = {"n": len(vqa), "accuracy": float(np.mean(vqa)), "rule": "per type"}
+    return out
 
 
 # ---------------------------------------------------------------------- text prompts
@@ -257,45 +294,112 @@ def audio_nll(
     return total / max(count, 1)
 
 
+GATE_VIEWS = ("all_positions", "assistant_positions", "assistant_turns")
+
+
+def _auc_of(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """AUROC (NaN with one class only), count and the mean score per class."""
+    from sklearn.metrics import roc_auc_score
+
+    ok = len(set(labels.tolist())) == 2
+    return {
+        "n": int(len(labels)),
+        "auroc": float(roc_auc_score(labels, scores)) if ok else float("nan"),
+        "mean_gate_image": float(scores[labels == 1].mean())
+        if (labels == 1).any()
+        else float("nan"),
+        "mean_gate_unrelated": float(scores[labels == 0].mean())
+        if (labels == 0).any()
+        else float("nan"),
+    }
+
+
+def assistant_turns(assistant: np.ndarray, relevance: np.ndarray) -> list[tuple[int, int, int]]:
+    """The assistant's turns of one sample as ``(start, end, relevance)``: maximal runs of
+    assistant positions with one defined relevance."""
+    out = []
+    k, n = 0, len(assistant)
+    while k < n:
+        if not assistant[k] or relevance[k] < 0:
+            k += 1
+            continue
+        j = k
+        while j < n and assistant[j] and relevance[j] == relevance[k]:
+            j += 1
+        out.append((k, j, int(relevance[k])))
+        k = j
+    return out
+
+
+def gate_views(
+    scores: np.ndarray, relevance: np.ndarray, assistant: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """One sample's gate scores and labels in the three views of ``gate_auroc``."""
+    ok = relevance >= 0
+    a = ok & assistant
+    turns = assistant_turns(assistant, relevance)
+    return {
+        "all_positions": (scores[ok], relevance[ok]),
+        "assistant_positions": (scores[a], relevance[a]),
+        "assistant_turns": (
+            np.asarray([scores[s:e].mean() for s, e, _ in turns], np.float64),
+            np.asarray([r for *_, r in turns], np.int64),
+        ),
+    }
+
+
 @torch.inference_mode()
 def gate_auroc(
     model: Any, data: Any, table: torch.Tensor, n_batches: int, batch_size: int, seed: int
 ) -> dict[str, Any]:
-    """AUROC of the per-token gate score for image relevance on glued validation samples."""
-    from sklearn.metrics import roc_auc_score
+    """AUROC of the gate score (mean over the last 10 layers) for "this is about the image" on
+    glued validation samples, in three views, for speech and speechless samples apart and pooled:
 
+    - ``assistant_positions``: the positions where the assistant speaks, i.e. where the loss
+      trains the gate (the user's tokens of speechless samples have loss weight 0);
+    - ``assistant_turns``: the mean gate of each assistant turn against the turn's topic;
+    - ``all_positions``: every labelled position (user turns, pads, marks included), the
+      earlier measure. Top-level ``auroc`` is this one (kept for old reports' readers).
+    """
     from moshivis_lab.train.mix import batch_for_step
 
-    scores: dict[str, list[np.ndarray]] = {"speech": [], "speechless": []}
-    labels: dict[str, list[np.ndarray]] = {"speech": [], "speechless": []}
+    kinds = ("speech", "speechless")
+    acc: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = {
+        k: {v: [] for v in GATE_VIEWS} for k in kinds
+    }
     last = min(10, len(model.cfg.layers))
     for i in range(n_batches):
         b = batch_for_step(data, batch_size, seed, i).to(model.device)
         out = model(b.codes, image_tokens=table[b.image_index.cpu()].to(model.device))
         g = out.gate_score(last).float().cpu().numpy()
         rel = b.relevance.cpu().numpy()
+        asst = b.assistant.cpu().numpy()
         for r in range(g.shape[0]):
             kind = "speech" if bool(b.is_speech[r]) else "speechless"
-            ok = rel[r] >= 0
-            scores[kind].append(g[r][ok])
-            labels[kind].append(rel[r][ok])
-    out_d: dict[str, Any] = {"last_layers": last}
-    all_s, all_l = [], []
-    for kind in ("speech", "speechless"):
-        if not scores[kind]:
+            for view, pair in gate_views(g[r], rel[r], asst[r]).items():
+                acc[kind][view].append(pair)
+
+    def pooled(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any] | None:
+        if not pairs:
+            return None
+        return _auc_of(np.concatenate([p[1] for p in pairs]), np.concatenate([p[0] for p in pairs]))
+
+    out_d: dict[str, Any] = {"last_layers": last, "views": list(GATE_VIEWS)}
+    for kind in kinds:
+        if not acc[kind]["all_positions"]:
             continue
-        s, lab = np.concatenate(scores[kind]), np.concatenate(labels[kind])
-        all_s.append(s)
-        all_l.append(lab)
-        ok = len(set(lab.tolist())) == 2
+        views = {v: pooled(acc[kind][v]) for v in GATE_VIEWS}
+        allp = views["all_positions"] or {}
         out_d[kind] = {
-            "positions": int(len(s)),
-            "auroc": float(roc_auc_score(lab, s)) if ok else float("nan"),
-            "mean_gate_image": float(s[lab == 1].mean()) if (lab == 1).any() else float("nan"),
-            "mean_gate_unrelated": float(s[lab == 0].mean()) if (lab == 0).any() else float("nan"),
+            "positions": allp.get("n", 0),
+            "auroc": allp.get("auroc", float("nan")),
+            "mean_gate_image": allp.get("mean_gate_image", float("nan")),
+            "mean_gate_unrelated": allp.get("mean_gate_unrelated", float("nan")),
+            **{v: views[v] for v in GATE_VIEWS[1:]},
         }
-    s, lab = np.concatenate(all_s), np.concatenate(all_l)
-    out_d["auroc"] = float(roc_auc_score(lab, s)) if len(set(lab.tolist())) == 2 else float("nan")
+    for view in GATE_VIEWS:
+        out_d[view] = pooled([p for k in kinds for p in acc[k][view]])
+    out_d["auroc"] = (out_d["all_positions"] or {}).get("auroc", float("nan"))
     return out_d
 
 
@@ -368,6 +472,7 @@ def evaluate_moshivis(
         img = tokens_for([it["image_id"] for it in qa], f"eval_{split}")
         replies = text_replies(model, tok, [it["question"] for it in qa], img)
         res["text_prompts"] = _accuracy(qa, replies)
+        res["referent_blind"] = referent_blind(cfg, qa)
         res["text_examples"] = [
             {"question": it["question"], "answer": it["answer"], "reply": r}
             for it, r in list(zip(qa, replies, strict=True))[:: max(1, len(qa) // 8)]

@@ -670,7 +670,8 @@ def adapter_curves_figure(metrics: Sequence[dict]) -> go.Figure:
 
 def eval_summary_figure(report: Mapping[str, Any], split: str = "test") -> go.Figure:
     """Accuracy per question type on ``split``, with text prompts and with spoken prompts
-    (bars), and each type's chance levels (uniform: dotted, majority answer: solid tick).
+    (bars), and each type's chance levels (uniform: dotted, majority answer: solid tick) and,
+    where the report has it, the referent-blind baseline (red dashes, ``referent_blind``).
 
     ``report``: ``evaluate_moshivis``'s report. The last group, ``vqa_all``, pools the VQA types
     (it has no single chance level).
@@ -712,20 +713,24 @@ def eval_summary_figure(report: Mapping[str, Any], split: str = "test") -> go.Fi
                 + "</extra>",
             )
         )
-    for level, style in (("uniform", {"dash": "dot", "width": 2}), ("majority", {"width": 3})):
+    blind = res.get("referent_blind") or {}
+    levels = [
+        ("chance (uniform)", chance, "uniform", {"color": "black", "dash": "dot", "width": 2}),
+        ("chance (majority)", chance, "majority", {"color": "black", "width": 3}),
+        (
+            "referent-blind (sees the scene, not the asked object)",
+            blind,
+            "accuracy",
+            {"color": "#d62728", "width": 3, "dash": "dash"},
+        ),
+    ]
+    for name, table, key, line in levels:
         cx, cy = _segments(
-            list(range(len(types))), 0.45, [chance.get(t, {}).get(level) for t in types]
+            list(range(len(types))), 0.45, [table.get(t, {}).get(key) for t in types]
         )
         if cx:
             fig.add_trace(
-                go.Scatter(
-                    x=cx,
-                    y=cy,
-                    mode="lines",
-                    name=f"chance ({level})",
-                    line={"color": "black", **style},
-                    hoverinfo="skip",
-                )
+                go.Scatter(x=cx, y=cy, mode="lines", name=name, line=line, hoverinfo="skip")
             )
     f1 = res.get("caption_attribute_f1")
     extra = f" · caption attribute F1 {f1:.2f}" if _finite(f1) else ""
