@@ -233,7 +233,9 @@ def train_cmd(
     minutes: MinutesOpt = None,
     p_audio: Annotated[
         float | None,
-        typer.Option(help="share of speech samples (default: 0.25)", callback=_check_p_audio),
+        typer.Option(
+            help="share of speech samples (default: the preset's, 0.1)", callback=_check_p_audio
+        ),
     ] = None,
     image_tokens: Annotated[
         str,

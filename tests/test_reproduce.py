@@ -21,17 +21,24 @@ def test_reproduce_config_validates() -> None:
 
 def test_sweep_reuses_the_grid_default_variant() -> None:
     from moshivis_lab.config import XAConfig
+    from moshivis_lab.train.ablate import INIT_SWEEP
 
-    xa = XAConfig()
-    vs = variants(AblateConfig.reduced(), xa, default_p_audio=0.25)
+    xa = XAConfig(gate_bias=0.0, out_proj_init="zero")  # the tiny preset's init
+    vs = variants(AblateConfig.reduced(), xa, default_p_audio=0.1)
     trained = [v for v in vs if not v.get("same_as")]
-    assert len(trained) == len(GRID) + 2  # 4 grid variants, p_audio 0 and 1
+    # 4 grid variants, p_audio 0 and 1, Kyutai's init
+    assert len(trained) == len(GRID) + 3
+    assert [v["name"] for v in trained if v["sweep"] == "init"] == [INIT_SWEEP[0][0]]
+    kyutai = next(v for v in trained if v["sweep"] == "init")["xa"]
+    assert (kyutai.gate_bias, kyutai.out_proj_init) == (-4.0, "default")
     twin = [v for v in vs if v.get("same_as")]
-    assert [v["p_audio"] for v in twin] == [0.25]
-    assert "(default)" in twin[0]["same_as"]
+    assert [(v["sweep"], v["p_audio"]) for v in twin] == [("p_audio", 0.1), ("init", None)]
+    assert all("(default)" in v["same_as"] for v in twin)
     # without the grid the default point is trained like any other
-    alone = variants(AblateConfig(grid=False, p_audio=(0.25,)), xa, default_p_audio=0.25)
-    assert not alone[0].get("same_as")
+    alone = variants(AblateConfig(grid=False, p_audio=(0.1,), init=()), xa, default_p_audio=0.1)
+    assert len(alone) == 1 and not alone[0].get("same_as")
+    with pytest.raises(ValueError, match="init"):
+        AblateConfig(init=("bias 7",))
 
 
 def test_unknown_stage_is_refused(smoke_world) -> None:

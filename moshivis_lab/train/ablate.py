@@ -26,6 +26,12 @@ GRID: tuple[tuple[str, str, str, bool, tuple[float, float]], ...] = (
     ("shared gate, shared QKV", "conditional_sigmoid", "qkv", True, (66.1, 65.2)),
 )
 P_AUDIO_SWEEP: tuple[float, ...] = (0.0, 0.01, 0.05, 0.10, 0.25, 0.50, 1.0)
+# (name, gate_bias, out_proj_init): where the adapters start (no paper reports this)
+INIT_SWEEP: tuple[tuple[str, float, str], ...] = (
+    ("Kyutai's: gate bias -4, default out_proj", -4.0, "default"),
+    ("gate bias 0, zero out_proj", 0.0, "zero"),
+    ("gate bias -1, zero out_proj", -1.0, "zero"),
+)
 PAPER_P_AUDIO_NOTE = (
     "Paper (Fig. 4): with p_audio = 0 the generated speech degrades; a few % of speech samples "
     "recover it; 25 % was chosen. Text-prompt accuracy changes little across the sweep."
@@ -39,6 +45,7 @@ class AblateConfig:
     steps: int = 150
     grid: bool = True
     p_audio: tuple[float, ...] = P_AUDIO_SWEEP
+    init: tuple[str, ...] = tuple(n for n, *_ in INIT_SWEEP)  # INIT_SWEEP entries to run
     per_type: int = 30
     spoken_per_type: int = 12
     n_speech: int = 12
@@ -48,6 +55,9 @@ class AblateConfig:
         _check(self.steps >= 1, "AblateConfig", "steps", f"must be >= 1, got {self.steps}")
         for p in self.p_audio:
             _check(0 <= p <= 1, "AblateConfig", "p_audio", f"values must be in [0, 1], got {p}")
+        names = [n for n, *_ in INIT_SWEEP]
+        for n in self.init:
+            _check(n in names, "AblateConfig", "init", f"{n!r} is not one of {names}")
         for n in ("per_type", "spoken_per_type", "n_speech"):
             v = getattr(self, n)
             _check(v >= 1, "AblateConfig", n, f"must be >= 1, got {v}")
@@ -59,14 +69,22 @@ class AblateConfig:
 
     @classmethod
     def reduced(cls) -> AblateConfig:
-        """What ``make reproduce`` runs inside its 30 minutes: the 4 grid variants and p_audio
-        0 / 0.25 (the grid's default) / 1, 80 steps each, small evaluations (~1 min each)."""
-        return cls(steps=80, p_audio=(0.0, 0.25, 1.0), per_type=12, spoken_per_type=4, n_speech=6)
+        """What ``make reproduce`` runs inside its 30 minutes: the 4 grid variants, p_audio
+        0 / 0.1 (the grid's default) / 1 and Kyutai's init beside the preset's, 80 steps each,
+        small evaluations (~1 min each)."""
+        return cls(
+            steps=80,
+            p_audio=(0.0, 0.1, 1.0),
+            init=tuple(n for n, *_ in INIT_SWEEP[:2]),
+            per_type=12,
+            spoken_per_type=4,
+            n_speech=6,
+        )
 
     @classmethod
     def smoke(cls) -> AblateConfig:
         """Seconds per variant: for tests and notebook CI."""
-        return cls(steps=3, p_audio=(0.0, 1.0), per_type=2, spoken_per_type=1, n_speech=2)
+        return cls(steps=3, p_audio=(0.0, 1.0), init=(), per_type=2, spoken_per_type=1, n_speech=2)
 
 
 def variants(
@@ -74,8 +92,9 @@ def variants(
 ) -> list[dict[str, Any]]:
     """The runs: name, sweep, XAConfig and p_audio of each (the default mix elsewhere).
 
-    With the grid on, the sweep's point at ``default_p_audio`` is the grid's default variant
-    (same XAConfig, same mix, same steps): it is not trained twice but marked ``same_as``.
+    With the grid on, the sweep points that equal the grid's default variant (same XAConfig,
+    same mix, same steps: ``default_p_audio``, the init of ``base_xa``) are not trained twice
+    but marked ``same_as``.
     """
     out = []
     default_name = next(name for name, *_ in GRID if "(default)" in name)
@@ -96,12 +115,20 @@ def variants(
         if acfg.grid and default_p_audio is not None and abs(p - default_p_audio) < 1e-12:
             v["same_as"] = default_name
         out.append({**v, "paper": None})
+    for name, bias, init in INIT_SWEEP:
+        if name in acfg.init:
+            xa = dataclasses.replace(base_xa, gate_bias=bias, out_proj_init=init)
+            v = {"sweep": "init", "name": name, "xa": xa, "p_audio": None, "paper": None}
+            if acfg.grid and xa == base_xa:
+                v["same_as"] = default_name
+            out.append(v)
     return out
 
 
 def _run_name(v: dict[str, Any]) -> str:
     keep = "".join(c if c.isalnum() else "_" for c in v["name"].lower())
-    return f"ablate_{'grid' if v['sweep'] != 'p_audio' else 'paudio'}_{keep}".strip("_")
+    sweep = {"p_audio": "paudio", "init": "init"}.get(v["sweep"], "grid")
+    return f"ablate_{sweep}_{keep}".strip("_")
 
 
 def run_ablations(
@@ -169,6 +196,8 @@ def run_ablations(
                 "name": v["name"],
                 "run": run,
                 "gating": v["xa"].gating,
+                "gate_bias": v["xa"].gate_bias,
+                "out_proj_init": v["xa"].out_proj_init,
                 "sharing": v["xa"].sharing,
                 "gate_shared": v["xa"].gate_shared,
                 "p_audio": mix.p_audio,
@@ -183,6 +212,7 @@ def run_ablations(
                 ),
                 "audio_nll_base": ev.get("speech_kept", {}).get("base_audio_nll"),
                 "gate_auroc": ev.get("gates", {}).get("auroc"),
+                "gate_auroc_turns": (ev.get("gates", {}).get("assistant_turns") or {}).get("auroc"),
                 "paper_ocr_vqa_text_speech": v["paper"],
                 "seconds": round(time.time() - t0, 1),
             }
@@ -216,29 +246,53 @@ def _num(x: Any) -> str:
 
 
 def ablation_markdown(result: dict[str, Any]) -> str:
-    """Two markdown tables (grid, p_audio sweep) with the paper's figures beside ours."""
+    """Markdown tables (gating x sharing grid, init, p_audio sweep), the paper's figures beside
+    ours."""
     lines = [
         f"Equal compute: {result['steps_per_variant']} steps x batch {result['batch_size']} per variant.",
         "",
     ]
-    grid = [r for r in result["rows"] if r["sweep"] != "p_audio"]
+    grid = [r for r in result["rows"] if r["sweep"] == "gating x sharing"]
     if grid:
         lines += [
             "### Gating x sharing (test images; accuracy %)",
             "",
-            "| variant | trainable params | VQA text | VQA spoken | OCR text | OCR spoken | gate AUROC "
-            "| audio NLL (unrelated image) | paper OCR-VQA text / speech |",
+            "| variant | trainable params | VQA text | VQA spoken | OCR text | OCR spoken "
+            "| gate AUROC per turn / all positions | audio NLL (unrelated image) "
+            "| paper OCR-VQA text / speech |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in grid:
             paper = r["paper_ocr_vqa_text_speech"]
             lines.append(
                 f"| {r['name']} | {_int(r['trainable_parameters'])} | {_pct(r['text_vqa'])} | {_pct(r['spoken_vqa'])} | "
-                f"{_pct(r['text_ocr'])} | {_pct(r['spoken_ocr'])} | {_num(r['gate_auroc'])} | "
+                f"{_pct(r['text_ocr'])} | {_pct(r['spoken_ocr'])} | "
+                f"{_num(r.get('gate_auroc_turns'))} / {_num(r['gate_auroc'])} | "
                 f"{_num(r['audio_nll_unrelated_image'])} | "
                 f"{paper[0]} / {paper[1]} |"
             )
         lines.append("")
+    init = [r for r in result["rows"] if r["sweep"] == "init"]
+    if init:
+        lines += [
+            "### Where the adapters start: gate bias x out_proj init (test images; accuracy %)",
+            "",
+            "| init | VQA text | VQA spoken | OCR text | gate AUROC per turn / all positions "
+            "| audio NLL (unrelated image) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in init:
+            lines.append(
+                f"| {r['name']} | {_pct(r['text_vqa'])} | {_pct(r['spoken_vqa'])} | "
+                f"{_pct(r['text_ocr'])} | {_num(r.get('gate_auroc_turns'))} / "
+                f"{_num(r['gate_auroc'])} | {_num(r['audio_nll_unrelated_image'])} |"
+            )
+        lines += [
+            "",
+            "Kyutai's -4 bias starts g at 0.018: the adapters' update is damped ~50x at init. A "
+            "zero out_proj keeps g * y = 0 at init whatever the bias.",
+            "",
+        ]
     sweep = [r for r in result["rows"] if r["sweep"] == "p_audio"]
     if sweep:
         lines += [
