@@ -72,3 +72,24 @@ def test_probe_reports_accuracies_by_voice_and_topic(smoke_world, tmp_path) -> N
     assert again["accuracy"] == rep["accuracy"]
     with pytest.raises(ValueError, match="held-out split"):
         probe_spoken_answers(smoke_world, pcfg, split="train", progress=False)
+
+
+def test_lm_state_probe_reads_spoken_and_text_questions(smoke_pretrained, tmp_path) -> None:
+    from moshivis_lab.train.speech_probe import probe_lm_state
+
+    with pytest.raises(ValueError, match="held-out split"):
+        probe_lm_state(smoke_pretrained, split="train", progress=False)
+    with pytest.raises(ValueError, match="n_train"):
+        probe_lm_state(smoke_pretrained, n_train=1, progress=False)
+    out = tmp_path / "lm_state.json"
+    rep = probe_lm_state(smoke_pretrained, n_train=60, window=32, out_path=out, progress=False)
+    assert out.exists() and rep["n"] >= 2 and rep["n_train"] <= 60
+    n_hooks = len(rep["hooks"])
+    assert rep["hooks"][-1] == "hook_resid_final" and n_hooks >= 2
+    for kind in ("spoken", "text"):
+        assert len(rep[kind]) == n_hooks
+        for row in rep[kind]:
+            assert 0.0 <= row["accuracy"] <= 1.0
+            a = row["seen_voices"]
+            assert a != a or 0.0 <= a <= 1.0
+    assert 0.0 <= rep["majority_accuracy"] <= 1.0

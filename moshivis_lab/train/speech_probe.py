@@ -258,3 +258,150 @@ def probe_spoken_answers(
     if out_path is not None:
         write_json(Path(out_path), report)
     return report
+
+
+# ---------------------------------------------------------------------- the LM's own state
+
+
+def _question_states(
+    lm: Any,
+    reader: ShardReader,
+    items: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    window: int,
+    hooks: Sequence[str],
+    batch: int = 32,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The residual stream of the frozen LM where it would answer each question, per hook:
+    spoken (the dialogue's grid up to two frames after the question's last word, at most
+    ``window`` frames) and as text (the question's words alone in the text stream)."""
+    from moshivis_lab.config import ZERO_TOKEN
+
+    rows = lm.cfg.num_codebooks
+    spoken: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
+    text: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
+    for s in range(0, len(items), batch):
+        chunk = items[s : s + batch]
+        codes = torch.full((len(chunk), rows, window), ZERO_TOKEN, dtype=torch.long)
+        last = []
+        for b, it in enumerate(chunk):
+            g = np.asarray(reader.tokens(it["row"]), np.int64)
+            end = min(it["end"] + 2, g.shape[1])
+            start = max(0, end - window)
+            codes[b, :, : end - start] = torch.from_numpy(g[:, start:end])
+            last.append(end - start - 1)
+        with torch.no_grad():
+            _, cache = lm.run_with_cache(codes, names_filter=list(hooks))
+        for h in hooks:
+            spoken[h] += [cache[h][b, p].float().numpy() for b, p in enumerate(last)]
+        qs = [tokenizer.encode(it["question"]) for it in chunk]
+        codes = torch.full((len(chunk), rows, max(map(len, qs))), ZERO_TOKEN, dtype=torch.long)
+        for b, q in enumerate(qs):
+            codes[b, 0, : len(q)] = torch.tensor(q)
+        with torch.no_grad():
+            _, cache = lm.run_with_cache(codes, names_filter=list(hooks))
+        for h in hooks:
+            text[h] += [cache[h][b, len(q) - 1].float().numpy() for b, q in enumerate(qs)]
+    return (
+        {h: np.stack(v) for h, v in spoken.items()},
+        {h: np.stack(v) for h, v in text.items()},
+    )
+
+
+def probe_lm_state(
+    cfg: LabConfig,
+    lm: Any = None,
+    *,
+    split: str = "val",
+    n_train: int = 1500,
+    window: int = 96,
+    seed: int = 0,
+    out_path: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Does the frozen speech LM know what was asked? A linear probe per layer reads the answer
+    of a user's question from the LM's residual stream where it would answer, once for the
+    spoken question (its audio in the user's stream) and once for the same words as text.
+
+    Trained on up to ``n_train`` questions of the training split, scored on ``split``'s, split
+    into voices heard in training and held-out voices. Text far above spoken says the LM has the
+    knowledge but does not recognise the speech (compare ``probe_spoken_answers``, which reads
+    the user's codes directly)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from moshivis_lab.train.pretrain import load_speech_lm
+    from moshivis_lab.world.tokenizer import TextTokenizer
+
+    if split == "train":
+        raise ValueError("score the probe on a held-out split ('val', 'test', 'heldout')")
+    if n_train < 2 or window < 4:
+        raise ValueError(f"n_train must be >= 2 and window >= 4, got {n_train} and {window}")
+    t0 = time.time()
+    lm = (lm if lm is not None else load_speech_lm(cfg)).eval()
+    tok = TextTokenizer.load(cfg.tokenizer_path)
+    hooks = [f"temporal.layers.{i}.hook_resid_mid" for i in range(lm.cfg.num_layers)]
+    hooks.append("hook_resid_final")
+    readers = {s: load_split(cfg, s)["speech"] for s in ("train", split)}
+    sets = {}
+    for name, reader in readers.items():
+        items = question_turns(reader)
+        for it in items:  # the question's words, from its turn
+            turn = next(
+                t
+                for t in reader.meta[it["row"]]["turns"]
+                if t.get("speaker") == "user" and int(t["start_frame"]) == it["start"]
+            )
+            it["question"] = turn["text"]
+        if name == "train" and len(items) > n_train:
+            pick = np.random.default_rng(seed).permutation(len(items))[:n_train]
+            items = [items[i] for i in sorted(pick.tolist())]
+        if len(items) < 2:
+            raise ValueError(
+                f"the {name} split has {len(items)} spoken user questions with answers; "
+                "rebuild the world with chit-chat dialogues"
+            )
+        sets[name] = items
+    states = {}
+    for name in tqdm(sets, disable=not progress, desc="LM states"):
+        states[name] = _question_states(lm, readers[name], sets[name], tok, window, hooks)
+    y_tr = np.array([it["answer"] for it in sets["train"]])
+    y_te = np.array([it["answer"] for it in sets[split]])
+    heard = {it["voice"] for it in sets["train"]}
+    seen = np.array([it["voice"] in heard for it in sets[split]])
+    report: dict[str, Any] = {
+        "split": split,
+        "preset": cfg.name,
+        "n_train": len(y_tr),
+        "n": len(y_te),
+        "classes": len(set(y_tr.tolist())),
+        "answers_seen_in_train": float(np.isin(y_te, y_tr).mean()),
+        "majority_accuracy": float(np.mean(y_te == _most_common(y_tr))),
+        "window": window,
+        "hooks": hooks,
+    }
+    for k, kind in enumerate(("spoken", "text")):
+        rows = []
+        for h in hooks:
+            x_tr, x_te = states["train"][k][h], states[split][k][h]
+            mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+            clf = LogisticRegression(max_iter=400, C=0.5).fit((x_tr - mu) / sd, y_tr)
+            ok = clf.predict((x_te - mu) / sd) == y_te
+            rows.append(
+                {
+                    "hook": h,
+                    "accuracy": float(ok.mean()),
+                    "seen_voices": float(ok[seen].mean()) if seen.any() else float("nan"),
+                    "heldout_voices": float(ok[~seen].mean()) if (~seen).any() else float("nan"),
+                }
+            )
+        report[kind] = rows
+    report["seconds"] = round(time.time() - t0, 2)
+    if out_path is not None:
+        write_json(Path(out_path), report)
+    return report
+
+
+def _most_common(values: np.ndarray) -> Any:
+    """The most common value of ``values``."""
+    uniq, counts = np.unique(values, return_counts=True)
+    return uniq[int(counts.argmax())]
