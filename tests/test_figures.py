@@ -19,12 +19,32 @@ from moshivis_lab.figures.latency import PAPER_RATIO, TOKENS, latency_path, meas
 
 # ---------------------------------------------------------------------- synthetic artefacts
 
+
+def _view(auroc: float, img: float = 0.05, unrel: float = 0.02) -> dict:
+    return {"n": 10, "auroc": auroc, "mean_gate_image": img, "mean_gate_unrelated": unrel}
+
+
 AUROC = {
     "auroc": 0.6123,
     "last_layers": 3,
-    "speech": {"auroc": 0.55, "mean_gate_image": 0.03, "mean_gate_unrelated": 0.02},
-    "speechless": {"auroc": 0.7, "mean_gate_image": 0.06, "mean_gate_unrelated": 0.03},
+    "speech": {
+        "auroc": 0.55,
+        "mean_gate_image": 0.03,
+        "mean_gate_unrelated": 0.02,
+        "assistant_positions": _view(0.56),
+        "assistant_turns": _view(0.57),
+    },
+    "speechless": {
+        "auroc": 0.7,
+        "mean_gate_image": 0.06,
+        "mean_gate_unrelated": 0.03,
+        "assistant_positions": _view(0.8),
+        "assistant_turns": _view(0.93),
+    },
     "per_layer": {"0": 0.51, "1": 0.58, "2": 0.63},
+    "all_positions": _view(0.6123),
+    "assistant_positions": _view(0.7),
+    "assistant_turns": _view(0.81),
 }
 INTERP = {
     "checks": {"eager_max_abs_diff": 1e-6, "eager_ok": True, "gate0_equals_base": True},
@@ -243,7 +263,15 @@ def test_builders_plot_the_artefacts_numbers():
     assert list(bars[1].y)[-1] == P.PAPER_ADAPTER_PARAMETERS and 262144 in list(bars[0].y)
 
     fig = P.gate_auroc_figure(AUROC, INTERP["gates"]["segments_by_topic"])
-    assert fig.data[0].y[0] == pytest.approx(0.6123) and len(fig.data[0].y) == 6
+    bars = {t.name: t for t in fig.data if t.xaxis == "x"}
+    assert list(bars["all samples"].x) == [
+        "per assistant turn",
+        "per assistant position",
+        "all positions",
+    ]
+    assert list(bars["all samples"].y) == [0.81, 0.7, 0.6123]
+    assert list(bars["speechless"].y) == [0.93, 0.8, 0.7]
+    assert list(bars["one layer (all positions)"].y) == [0.51, 0.58, 0.63]
     fig = P.pointing_attribution_figure(INTERP)
     assert 0.4321 in list(fig.data[0].y)
     assert any(t.type == "scatter" and 0.4507 in list(t.y or []) for t in fig.data)
@@ -278,10 +306,10 @@ def test_model_based_builders_on_synthetic_traces():
         turns=[Turn(0, 8, "user", "weather")],
         tokens=[f"t{i}" for i in range(20)],
     )
-    d = SimpleNamespace(switch=8, length=20)
+    d = SimpleNamespace(switch=8, length=20, speech=False)
     fig = P.gates_topic_switch_figure(d, trace)
     assert np.allclose([t for t in fig.data if t.name.startswith("gate")][0].y, g.mean(0))
-    assert "step 8" in fig.layout.title.text
+    assert "step 8" in fig.layout.title.text and "speechless" in fig.layout.title.text
     assert np.allclose(P.gates_heatmap_figure(d, trace).data[0].z, g)
     img = np.full((224, 224, 3), 200, np.uint8)
     qm = QuestionMaps(

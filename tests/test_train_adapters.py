@@ -130,15 +130,26 @@ def test_evaluation_report_has_every_section(smoke_pretrained, one_torch_thread,
 
 
 def test_ablations_write_json_and_markdown(smoke_pretrained, one_torch_thread, tmp_path):
-    from moshivis_lab.train.ablate import AblateConfig, run_ablations
+    from moshivis_lab.train.ablate import INIT_SWEEP, AblateConfig, run_ablations
 
-    acfg = AblateConfig(steps=2, p_audio=(0.0,), per_type=1, spoken_per_type=1, n_speech=1)
+    kyutai, preset_init = INIT_SWEEP[0][0], INIT_SWEEP[1][0]
+    acfg = AblateConfig(
+        steps=2,
+        p_audio=(0.0,),
+        init=(kyutai, preset_init),
+        per_type=1,
+        spoken_per_type=1,
+        n_speech=1,
+    )
     res = run_ablations(
         smoke_pretrained, acfg, TrainConfig.smoke(), progress=False, out_dir=tmp_path
     )
     names = [r["name"] for r in res["rows"]]
-    assert len(names) == 5 and "p_audio=0" in names
+    assert len(names) == 7 and "p_audio=0" in names and kyutai in names
+    rows = {r["name"]: r for r in res["rows"]}
+    assert (rows[kyutai]["gate_bias"], rows[kyutai]["out_proj_init"]) == (-4.0, "default")
+    assert rows[preset_init].get("same_as"), "the preset's own init is the grid's default run"
     params = {r["name"]: r["trainable_parameters"] for r in res["rows"]}
     assert params["no gate, no sharing"] > params["per-layer gate, shared QKV (default)"]
     md = (tmp_path / "ablations.md").read_text()
-    assert "68.2 / 64.7" in md and "p_audio" in md
+    assert "68.2 / 64.7" in md and "p_audio" in md and "Where the adapters start" in md

@@ -9,7 +9,7 @@ the seconds and the error instead of stopping at the first missing artefact.
 | name | what | from |
 |---|---|---|
 | ``adapter_architecture`` | the gated cross-attention block + adapter parameters, ours and 7B | ``adapters/<run>/train_report.json``, ``MoshiVisConfig.moshika_vis()`` on ``meta`` |
-| ``gates_topic_switch`` | gate score over a spoken dialogue with chit-chat glued before it | the trained run + the world |
+| ``gates_topic_switch`` | gate score over a speechless image dialogue with chit-chat glued before it | the trained run + the world |
 | ``gates_heatmap`` | the same dialogue's gate per layer and step | the trained run + the world |
 | ``gate_auroc`` | gate as an image-relevance detector: AUROC per assistant turn / position / all positions, speech and speechless, per layer | ``interp/report.json`` |
 | ``attention_grid`` | cross-attention overlays, questions x layers | the trained run + the world |
@@ -283,12 +283,19 @@ def _adapter_from(src: Sources) -> go.Figure:
 # ---------------------------------------------------------------------- 2. gates over time
 
 
-def topic_switch_trace(src: Sources, split: str = "val", index: int = 0) -> tuple[Any, Any]:
-    """The gate trace of spoken dialogue ``index`` with chit-chat glued before it."""
+def topic_switch_trace(
+    src: Sources, split: str = "val", index: int = 0, kind: str = "speechless"
+) -> tuple[Any, Any]:
+    """The gate trace of image dialogue ``index`` with chit-chat number ``index`` glued before
+    it, ``kind`` ``"speechless"`` (in the text stream, where the tiny model's gate tracks the
+    topic: per-turn AUROC 0.93, ``RESULTS.md``) or ``"spoken"``."""
     from moshivis_lab.interp import gates as G
     from moshivis_lab.interp.cache import image_tokens_for
 
-    d = G.spoken_dialogue(src.cfg, split, index, chat=index, chat_first=True)
+    if kind not in ("speechless", "spoken"):
+        raise ValueError(f"kind must be 'speechless' or 'spoken', got {kind!r}")
+    build = G.text_dialogue if kind == "speechless" else G.spoken_dialogue
+    d = build(src.cfg, split, index, chat=index, chat_first=True)
     image = image_tokens_for(src.cfg, [d.image_id], src.encoder)
     return d, G.gate_trace(src.model, d, image, tokenizer=src.tokenizer)
 
@@ -305,8 +312,8 @@ def gates_topic_switch_figure(dialogue: Any, trace: Any) -> go.Figure:
         turns=trace.turns,
         layer_gates=trace.gates,
         label=f"gate (mean of last {last} layers)",
-        title=f"gate over a conversation that switches topic at step {dialogue.switch} "
-        f"({dialogue.length / 12.5:.1f} s)",
+        title=f"gate over a {'spoken' if dialogue.speech else 'speechless'} conversation that "
+        f"switches topic at step {dialogue.switch} ({dialogue.length} steps)",
     )
     if dialogue.switch is not None:
         fig.add_vline(x=dialogue.switch, line={"color": "black", "dash": "dash"})
