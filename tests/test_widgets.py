@@ -29,9 +29,20 @@ FAST = {"extra_seconds": 1.0}
 
 @pytest.fixture(scope="module")
 def engine(smoke_pretrained, one_torch_thread):
-    """A smoke adapter run (6 steps, one thread) and its conversation engine."""
+    """A smoke adapter run (6 steps, one thread) and its conversation engine. Kyutai's init
+    (default ``out_proj``): the adapters' output is O(1) from the start, so forcing the gates
+    changes what a 6-step model says (from the tiny preset's zero ``out_proj`` it barely has
+    an output yet)."""
+    import dataclasses
+
+    from moshivis_lab.config import XAConfig
+    from moshivis_lab.train.pretrain import load_speech_lm
+    from moshivis_lab.vision.pretrain import load_vision_encoder
+
     cfg = smoke_pretrained
-    tcfg = TrainConfig.smoke().replace(threads=1)
+    xa = XAConfig.tiny(load_speech_lm(cfg).cfg, load_vision_encoder(cfg).hidden_size)
+    xa = dataclasses.replace(xa, gate_bias=-4.0, out_proj_init="default")
+    tcfg = TrainConfig.smoke().replace(threads=1, xa=xa)
     train_adapters(cfg, tcfg, run="widgets", progress=False, log=lambda *_: None)
     return ConversationEngine.load(cfg, "widgets")
 

@@ -37,6 +37,7 @@ from moshivis_lab.viz.style import finish
 
 PAPER_ADAPTER_PARAMETERS = 206_184_448  # DESIGN.md: moshika-vis adapters (released config)
 _GREEN, _RED, _BLUE, _ORANGE, _GREY = "#2ca02c", "#d62728", "#1f77b4", "#ff7f0e", "#7f7f7f"
+_PURPLE = "#9467bd"
 
 
 class MissingArtefact(FileNotFoundError):
@@ -359,7 +360,7 @@ def gate_auroc_figure(
         raise FigureDataError("the report holds no gate AUROC")
     views = [v for v in _VIEW_LABELS if v != "all_positions" and auroc.get(v)] + ["all_positions"]
     groups = (("all samples", None, _BLUE), ("speech", "speech", _ORANGE),
-              ("speechless", "speechless", _GREEN))  # fmt: skip
+              ("speechless", "speechless", _PURPLE))  # fmt: skip
 
     def view_of(kind: str | None, view: str) -> Mapping[str, Any] | None:
         src = auroc if kind is None else auroc.get(kind)
