@@ -29,7 +29,7 @@ test: lint
 	$(BIN)/pytest -q --timeout=900 tests
 	MOSHIVIS_PRESET=smoke $(BIN)/pytest -q --timeout=900 --nbmake notebooks
 
-# The whole tiny pipeline end to end (<= 30 min on 2 CPU cores; finished stages are skipped):
+# The whole tiny pipeline end to end (about 38 min on 2 CPU cores, README; finished stages are skipped):
 # data, codec, encoder, speech LM, adapters, evaluation, reduced ablations, figures/ + REPORT.md.
 reproduce: venv
 	$(BIN)/moshivis-lab reproduce --preset $(PRESET)

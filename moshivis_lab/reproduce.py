@@ -7,7 +7,7 @@ made from the same inputs and settings (the trainers' own stamps; the evaluation
 here with the key of the run they measured), so an interrupted run picks up where it stopped.
 Per-stage wall times go to ``<data>/<preset>/reproduce/timings.json`` and into the report.
 
-The tiny preset is sized so that a fresh run fits in 30 minutes on 2 idle CPU cores.
+The tiny preset aims at 30 minutes on 2 idle CPU cores (BUDGET_S; the README gives the measured times).
 """
 
 from __future__ import annotations
