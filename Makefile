@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 export NO_TORCH_COMPILE := 1
 
-.PHONY: venv test lint reproduce data lab bench clean-data
+.PHONY: venv test lint reproduce pretrain-bases data lab bench clean-data
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,10 +29,15 @@ test: lint
 	$(BIN)/pytest -q --timeout=900 tests
 	MOSHIVIS_PRESET=smoke $(BIN)/pytest -q --timeout=900 --nbmake notebooks
 
-# The whole tiny pipeline end to end (about 38 min on 2 CPU cores, README; finished stages are skipped):
-# data, codec, encoder, speech LM, adapters, evaluation, reduced ablations, figures/ + REPORT.md.
+# The whole tiny pipeline end to end from the shipped bases (bases/tiny; README for its time;
+# finished stages are skipped): data, adapters, evaluation, reduced ablations, figures/ + REPORT.md.
+# REBUILD_BASES=1 trains the tokenizer, codec, encoder and speech LM here instead.
 reproduce: venv
-	$(BIN)/moshivis-lab reproduce --preset $(PRESET)
+	$(BIN)/moshivis-lab reproduce --preset $(PRESET) $(if $(REBUILD_BASES),--rebuild-bases)
+
+# Retrain the bases from nothing and ship them to bases/$(PRESET)/ with their recipe (README).
+pretrain-bases: venv
+	$(BIN)/moshivis-lab pretrain-bases --preset $(PRESET)
 
 data: venv
 	$(BIN)/moshivis-lab data --preset $(PRESET)

@@ -155,12 +155,13 @@ def pretrain_speech_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Build missing data, pretrain the speech LM (resumable), evaluate it, print the report."""
+    from moshivis_lab.bases import base_configs
     from moshivis_lab.pipeline import build_data
-    from moshivis_lab.train.pretrain import PretrainConfig, load_speech_lm, pretrain_speech
+    from moshivis_lab.train.pretrain import load_speech_lm, pretrain_speech
     from moshivis_lab.train.speech_eval import evaluate_speech_lm
 
     cfg = preset(preset_name, data_dir)
-    tcfg = PretrainConfig.smoke() if preset_name == "smoke" else PretrainConfig.tiny()
+    tcfg = base_configs(preset_name)["speech"]
     if steps is not None:
         tcfg = tcfg.replace(steps=steps, warmup_steps=min(tcfg.warmup_steps, steps))
     if minutes is not None:
@@ -331,18 +332,13 @@ def pretrain_vision_cmd(
 ) -> None:
     """Build missing data, pretrain the tiny SigLIP with the sigmoid loss on the world's
     image-caption pairs (resumable), freeze its vision tower, print the retrieval report."""
+    from moshivis_lab.bases import base_configs
     from moshivis_lab.pipeline import build_data
-    from moshivis_lab.vision.config import VisionConfig
-    from moshivis_lab.vision.pretrain import (
-        VisionPretrainConfig,
-        pretrain_vision,
-        smoke_vision_config,
-    )
+    from moshivis_lab.vision.pretrain import pretrain_vision
 
     cfg = preset(preset_name, data_dir)
-    smoke = preset_name == "smoke"
-    tcfg = VisionPretrainConfig.smoke() if smoke else VisionPretrainConfig.tiny()
-    vcfg = smoke_vision_config() if smoke else VisionConfig.tiny()
+    c = base_configs(preset_name)
+    tcfg, vcfg = c["vision"], c["vision_model"]
     if steps is not None:
         tcfg = tcfg.replace(steps=steps, warmup_steps=min(tcfg.warmup_steps, steps))
     if minutes is not None:
@@ -370,10 +366,18 @@ def reproduce_cmd(
             callback=_check_reproduce_stages,
         ),
     ] = None,
+    rebuild_bases: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild-bases",
+            help="train the tokenizer, codec, encoder and speech LM here instead of installing "
+            "the shipped bases (bases/<preset>/)",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """The whole pipeline end to end (resumable: finished stages are skipped), timed per stage,
-    ending in the paper figures (PNG + SVG) and REPORT.md."""
+    ending in the paper figures (PNG + SVG) and REPORT.md. Starts from the shipped bases."""
     from moshivis_lab.reproduce import STAGES, reproduce, reproduce_dir
 
     cfg = preset(preset_name, data_dir)
@@ -386,8 +390,32 @@ def reproduce_cmd(
         stages=tuple(stage) if stage else STAGES,
         progress=not quiet,
         log=typer.echo,
+        rebuild_bases=rebuild_bases,
     )
     typer.echo(json.dumps(timings, indent=1, default=str))
+
+
+@app.command("pretrain-bases")
+def pretrain_bases_cmd(
+    preset_name: PresetOpt = "tiny",
+    data_dir: DataDirOpt = None,
+    bases_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--bases-root",
+            help="where bases/<preset>/ is written (default: the repository's bases/)",
+            file_okay=False,
+        ),
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build the bases from nothing (world data, tokenizer, codec, image encoder, speech LM;
+    finished stages are skipped) and ship them to bases/<preset>/ with recipe.json."""
+    from moshivis_lab.bases import pretrain_bases
+
+    cfg = preset(preset_name, data_dir)
+    recipe = pretrain_bases(cfg, bases_root, progress=not quiet, log=typer.echo)
+    typer.echo(json.dumps({k: recipe[k] for k in ("keys", "seconds", "bytes", "checks")}, indent=1))
 
 
 if __name__ == "__main__":

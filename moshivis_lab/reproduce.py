@@ -1,6 +1,7 @@
 """``make reproduce``: the whole pipeline, stage by stage, resumable, timed, ending in figures.
 
-world data -> image encoder (+ linear probes of its tokens) -> speech LM (+ its evaluation) -> adapters (+ evaluation) ->
+shipped bases (``bases.py``: tokenizer, codec, encoder, speech LM, installed when their recipe
+is the code's; ``rebuild_bases`` trains them instead) -> world data -> image encoder (+ linear probes of its tokens) -> speech LM (+ its evaluation) -> adapters (+ evaluation) ->
 reduced ablations (gating x sharing, p_audio sweep) -> interpretability report -> prosody ->
 paper figures and ``REPORT.md``. Every stage is skipped when its artefacts are there and were
 made from the same inputs and settings (the trainers' own stamps; the evaluations are stamped
@@ -23,6 +24,7 @@ from moshivis_lab.artefacts import Stage, config_hash, read_json, write_json
 from moshivis_lab.config import LabConfig, _check, _check_types
 
 STAGES = (
+    "bases",
     "data",
     "vision",
     "vision_probes",
@@ -151,8 +153,10 @@ class Reproduction:
         figures_dir: str | Path | None = None,
         progress: bool = True,
         log: Callable[[str], Any] = print,
+        rebuild_bases: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.rebuild_bases = rebuild_bases
         self.rcfg = rcfg or ReproduceConfig.for_preset(cfg.name)
         self.figures_dir = Path(figures_dir) if figures_dir else reproduce_dir(cfg) / "figures"
         self.progress = progress
@@ -161,20 +165,29 @@ class Reproduction:
 
     # ------------------------------------------------------------------ training stages
 
+    def bases(self) -> dict[str, Any]:
+        """Install the shipped bases (skipped with ``rebuild_bases``: the stages after build them)."""
+        from moshivis_lab.bases import install_bases
+
+        if self.rebuild_bases:
+            self.log("[reproduce] bases: rebuilding from scratch (rebuild_bases)")
+            return {"rebuild": True}
+        out = install_bases(self.cfg, log=self.log)
+        if not out["shipped"]:
+            self.log(f"[reproduce] bases: none shipped for {self.cfg.name!r}; they are built")
+        return out
+
     def data(self) -> dict[str, Any]:
         from moshivis_lab.pipeline import build_data
 
         return build_data(self.cfg, progress=self.progress)
 
     def vision(self) -> dict[str, Any]:
-        from moshivis_lab.vision.pretrain import (
-            VisionPretrainConfig,
-            pretrain_vision,
-            smoke_vision_config,
-        )
+        from moshivis_lab.bases import base_configs
+        from moshivis_lab.vision.pretrain import pretrain_vision
 
-        vt = VisionPretrainConfig.smoke() if self.smoke else VisionPretrainConfig.tiny()
-        vc = smoke_vision_config() if self.smoke else None
+        c = base_configs(self.cfg.name)
+        vt, vc = c["vision"], c["vision_model"]
         report = pretrain_vision(self.cfg, vt, vc, progress=self.progress)
         while not report.get("finished", True):
             report = pretrain_vision(self.cfg, vt, vc, progress=self.progress)
@@ -196,9 +209,10 @@ class Reproduction:
         )
 
     def speech_lm(self) -> dict[str, Any]:
-        from moshivis_lab.train.pretrain import PretrainConfig, pretrain_speech
+        from moshivis_lab.bases import base_configs
+        from moshivis_lab.train.pretrain import pretrain_speech
 
-        tcfg = PretrainConfig.smoke() if self.smoke else PretrainConfig.tiny()
+        tcfg = base_configs(self.cfg.name)["speech"]
         report = pretrain_speech(self.cfg, tcfg, progress=self.progress)
         while not report.get("finished", True):  # a per-invocation time budget ran out
             report = pretrain_speech(self.cfg, tcfg, progress=self.progress)
@@ -409,7 +423,10 @@ def reproduce(
     stages: tuple[str, ...] = STAGES,
     progress: bool = True,
     log: Callable[[str], Any] = print,
+    rebuild_bases: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; see the module docstring."""
-    r = Reproduction(cfg, rcfg, figures_dir=figures_dir, progress=progress, log=log)
+    r = Reproduction(
+        cfg, rcfg, figures_dir=figures_dir, progress=progress, log=log, rebuild_bases=rebuild_bases
+    )
     return r.run(stages)

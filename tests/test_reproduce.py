@@ -57,9 +57,9 @@ def test_reproduce_runs_then_resumes(smoke_pretrained, tmp_path) -> None:
     lines: list[str] = []
     t1 = reproduce(cfg, stages=stages, progress=False, log=lines.append)
     built = {k for k, v in t1["stages"].items() if v["built"]}
-    # data, encoder and speech LM came with the copy; everything after them is built now,
-    # including the linear probes of the copied encoder's tokens
-    assert built == set(stages) - {"data", "vision", "speech_lm"}
+    # data, encoder and speech LM came with the copy (no bases are shipped for smoke); everything
+    # after them is built now, including the linear probes of the copied encoder's tokens
+    assert built == set(stages) - {"bases", "data", "vision", "speech_lm"}
     assert "vision_probes" in built
     root = tmp_path / "smoke"
     for rel in (

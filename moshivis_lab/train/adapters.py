@@ -734,26 +734,22 @@ def _config_from_dict(d: dict[str, Any]) -> TrainConfig:
 def ensure_pretrained(cfg: LabConfig, progress: bool = True) -> dict[str, Any]:
     """Build whatever the adapters need and is missing: world data, speech LM, image encoder.
 
-    Each part is skipped when already built (its stage stamp matches). The smoke preset uses the
-    smoke trainers and a smaller vision tower, so that CI and notebooks run in seconds.
+    The shipped bases (``bases.install_bases``) are installed first where their recipe is the
+    code's; every part is then skipped when already built (its stage stamp matches). The smoke
+    preset uses the smoke trainers and a smaller vision tower (``bases.base_configs``), so that
+    CI and notebooks run in seconds.
     """
+    from moshivis_lab.bases import base_configs, install_bases
     from moshivis_lab.pipeline import build_data
-    from moshivis_lab.train.pretrain import PretrainConfig, pretrain_speech
-    from moshivis_lab.vision.pretrain import (
-        VisionPretrainConfig,
-        pretrain_vision,
-        smoke_vision_config,
-    )
+    from moshivis_lab.train.pretrain import pretrain_speech
+    from moshivis_lab.vision.pretrain import pretrain_vision
 
-    smoke = cfg.name == "smoke"
-    out: dict[str, Any] = {"data": build_data(cfg, progress=progress)}
-    ptcfg = PretrainConfig.smoke() if smoke else PretrainConfig.tiny()
-    report = pretrain_speech(cfg, ptcfg, progress=progress)
+    c = base_configs(cfg.name)
+    out: dict[str, Any] = {"bases": install_bases(cfg, log=print if progress else lambda m: None)}
+    out["data"] = build_data(cfg, progress=progress)
+    report = pretrain_speech(cfg, c["speech"], progress=progress)
     while not report.get("finished", True):  # a time budget ran out: resume until done
-        report = pretrain_speech(cfg, ptcfg, progress=progress)
+        report = pretrain_speech(cfg, c["speech"], progress=progress)
     out["speech_lm"] = report
-    vt = VisionPretrainConfig.smoke() if smoke else VisionPretrainConfig.tiny()
-    out["vision"] = pretrain_vision(
-        cfg, vt, smoke_vision_config() if smoke else None, progress=progress
-    )
+    out["vision"] = pretrain_vision(cfg, c["vision"], c["vision_model"], progress=progress)
     return out

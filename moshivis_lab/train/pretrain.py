@@ -544,7 +544,8 @@ def eval_loss(model: MoshiLM, batches: list[torch.Tensor]) -> dict[str, float]:
     return {k: v / max(1, len(batches)) for k, v in sums.items()}
 
 
-def _run_key(cfg: LabConfig, lm_cfg: LMConfig, tcfg: PretrainConfig) -> str:
+def run_key(cfg: LabConfig, lm_cfg: LMConfig, tcfg: PretrainConfig) -> str:
+    """The speech LM run's key: world, codec, tokenizer, architecture and what is trained."""
     trained = trained_settings(tcfg)
     return config_hash(cfg.world, cfg.codec, cfg.tokenizer, lm_cfg, trained)
 
@@ -601,7 +602,7 @@ def pretrain_speech(
         raise ValueError(f"max_new_steps must be >= 1, got {max_new_steps}")
     lm_cfg = lm_cfg or lm_config_for(cfg)
     out = speech_lm_dir(cfg)
-    key = _run_key(cfg, lm_cfg, tcfg)
+    key = run_key(cfg, lm_cfg, tcfg)
     stage = Stage(out, "pretrain", key)
     state_path, metrics_path = out / "state.json", out / "metrics.jsonl"
     claim_run_dir(

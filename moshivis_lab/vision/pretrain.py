@@ -707,7 +707,8 @@ def _word_probe(
 # Checkpoints
 
 
-def _run_key(cfg: LabConfig, vcfg: VisionConfig, tcfg: VisionPretrainConfig, tok_sha: str) -> str:
+def run_key(cfg: LabConfig, vcfg: VisionConfig, tcfg: VisionPretrainConfig, tok_sha: str) -> str:
+    """The vision run's key: world, tokenizer (config and file), tower and what is trained."""
     trained = trained_settings(tcfg)
     return config_hash(cfg.world, cfg.tokenizer, vcfg, trained, tok_sha)
 
@@ -818,7 +819,7 @@ def pretrain_vision(
             f"`moshivis-lab data --preset {cfg.name}`"
         )
     tok = TextTokenizer.load(cfg.tokenizer_path)
-    key = _run_key(cfg, vcfg, tcfg, sha256_file(cfg.tokenizer_path))
+    key = run_key(cfg, vcfg, tcfg, sha256_file(cfg.tokenizer_path))
     stage = Stage(out, STAGE_NAME, key)
     claim_run_dir(
         out,

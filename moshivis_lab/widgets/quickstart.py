@@ -172,24 +172,17 @@ def _stale(cfg: Any, name: str, stamp: Path) -> bool:
     from moshivis_lab.artefacts import read_json, sha256_file
 
     try:
+        from moshivis_lab.bases import base_configs
+
+        c = base_configs(cfg.name)
         if name == "speech_lm":
-            from moshivis_lab.train.pretrain import PretrainConfig, lm_config_for
-            from moshivis_lab.train.pretrain import _run_key as speech_key
+            from moshivis_lab.train.pretrain import lm_config_for, run_key
 
-            tcfg = PretrainConfig.smoke() if cfg.name == "smoke" else PretrainConfig.tiny()
-            key = speech_key(cfg, lm_config_for(cfg), tcfg)
+            key = run_key(cfg, lm_config_for(cfg), c["speech"])
         elif name == "vision":
-            from moshivis_lab.vision.pretrain import (
-                VisionConfig,
-                VisionPretrainConfig,
-                smoke_vision_config,
-            )
-            from moshivis_lab.vision.pretrain import _run_key as vision_key
+            from moshivis_lab.vision.pretrain import run_key
 
-            smoke = cfg.name == "smoke"
-            tcfg = VisionPretrainConfig.smoke() if smoke else VisionPretrainConfig.tiny()
-            vcfg = smoke_vision_config() if smoke else VisionConfig.tiny()
-            key = vision_key(cfg, vcfg, tcfg, sha256_file(cfg.tokenizer_path))
+            key = run_key(cfg, c["vision_model"], c["vision"], sha256_file(cfg.tokenizer_path))
         else:
             return False
         return read_json(stamp).get("key") != key
