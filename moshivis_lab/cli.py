@@ -63,6 +63,46 @@ def _check_stages(known: tuple[str, ...], stages: list[str] | None) -> list[str]
     return stages
 
 
+def _check_dir(v: Path | None) -> Path | None:
+    """A directory the command may create: neither it nor any folder above it is a file."""
+    if v is None:
+        return v
+    for p in (v, *v.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == v else f"cannot be made: {p} is a file"
+                raise typer.BadParameter(f"{v} {what}; pass a directory")
+            break
+    return v
+
+
+HELDOUT_SPLITS = ("val", "test", "heldout")
+
+
+def _check_split(v: str) -> str:
+    if v not in HELDOUT_SPLITS:
+        raise typer.BadParameter(
+            f"must be a held-out split, one of {', '.join(HELDOUT_SPLITS)}; got {v!r}"
+        )
+    return v
+
+
+def _check_codebooks(v: str) -> str:
+    from moshivis_lab.config import CodecConfig
+
+    n = CodecConfig().num_codebooks
+    try:
+        books = [int(k) for k in v.split(",")]
+    except ValueError as e:
+        raise typer.BadParameter(f"codebooks must be integers like 0 or 0,1,2: {e}") from e
+    bad = [k for k in books if not 0 <= k < n]
+    if bad or len(set(books)) != len(books):
+        raise typer.BadParameter(
+            f"codebooks must be distinct user codebooks in 0..{n - 1} (0 = semantic), got {v!r}"
+        )
+    return v
+
+
 def _check_data_stages(stages: list[str] | None) -> list[str] | None:
     from moshivis_lab.pipeline import DATA_STAGES
 
@@ -81,7 +121,12 @@ PresetOpt = Annotated[
 ]
 DataDirOpt = Annotated[
     Path | None,
-    typer.Option("--data-dir", help="artefact root (default: ./data)", file_okay=False),
+    typer.Option(
+        "--data-dir", help="artefact root (default: ./data)", file_okay=False, callback=_check_dir
+    ),
+]
+SplitOpt = Annotated[
+    str, typer.Option(help=f"held-out split ({', '.join(HELDOUT_SPLITS)})", callback=_check_split)
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
 StepsOpt = Annotated[int | None, typer.Option(help="training steps (default: preset)", min=1)]
@@ -151,7 +196,7 @@ def pretrain_speech_cmd(
     steps: StepsOpt = None,
     minutes: MinutesOpt = None,
     n_dialogues: Annotated[int, typer.Option(help="held-out dialogues to question", min=1)] = 150,
-    split: Annotated[str, typer.Option(help="held-out split to evaluate on")] = "val",
+    split: SplitOpt = "val",
     quiet: QuietOpt = False,
 ) -> None:
     """Build missing data, pretrain the speech LM (resumable), evaluate it, print the report."""
@@ -180,10 +225,14 @@ def probe_speech_cmd(
     preset_name: PresetOpt = "tiny",
     data_dir: DataDirOpt = None,
     codebooks: Annotated[
-        str, typer.Option(help="user codebooks the probe reads, comma-separated (0 = semantic)")
+        str,
+        typer.Option(
+            help="user codebooks the probe reads, comma-separated (0 = semantic)",
+            callback=_check_codebooks,
+        ),
     ] = "0",
     steps: StepsOpt = None,
-    split: Annotated[str, typer.Option(help="held-out split to score on")] = "val",
+    split: SplitOpt = "val",
     quiet: QuietOpt = False,
 ) -> None:
     """Build missing data, then train a classifier to name a spoken question's answer from the
@@ -195,10 +244,7 @@ def probe_speech_cmd(
         probe_spoken_answers,
     )
 
-    try:
-        books = tuple(int(k) for k in codebooks.split(","))
-    except ValueError as e:
-        raise typer.BadParameter(f"codebooks must be integers like 0 or 0,1,2: {e}") from e
+    books = tuple(int(k) for k in codebooks.split(","))  # checked by _check_codebooks
     cfg = preset(preset_name, data_dir)
     pcfg = SpeechProbeConfig.smoke() if preset_name == "smoke" else SpeechProbeConfig.tiny()
     pcfg = pcfg.replace(codebooks=books, **({"steps": steps} if steps is not None else {}))
@@ -356,7 +402,11 @@ def reproduce_cmd(
     data_dir: DataDirOpt = None,
     figures_dir: Annotated[
         Path | None,
-        typer.Option(help="where figures and REPORT.md go (default: ./figures for tiny)"),
+        typer.Option(
+            help="where figures and REPORT.md go (default: ./figures for tiny)",
+            file_okay=False,
+            callback=_check_dir,
+        ),
     ] = None,
     stage: Annotated[
         list[str] | None,
@@ -405,6 +455,7 @@ def pretrain_bases_cmd(
             "--bases-root",
             help="where bases/<preset>/ is written (default: the repository's bases/)",
             file_okay=False,
+            callback=_check_dir,
         ),
     ] = None,
     quiet: QuietOpt = False,

@@ -8,12 +8,19 @@ so a bad value fails where it is written, not three stages later. Derived values
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from moshivis_lab.world.vocab import COLOUR_NAMES, SHAPES
+
+T = TypeVar("T")
 
 # Moshi's special text ids (SentencePiece ids repurposed by Moshi) and the "zero token".
 TEXT_EPAD_ID = 0
@@ -38,13 +45,78 @@ def _is_bool(v: Any) -> bool:
     return isinstance(v, bool) or type(v).__name__ == "bool_"  # numpy's bool too
 
 
+def _nested_by_name(cls: type, kind: str) -> type | None:
+    """The config dataclass named ``kind`` in the module that defines ``cls`` (None if none)."""
+    found = vars(sys.modules[cls.__module__]).get(kind)
+    return found if isinstance(found, type) and dataclasses.is_dataclass(found) else None
+
+
+def _as_tuples(v: Any) -> Any:
+    """JSON lists back to the tuples a frozen config holds (nested lists too)."""
+    if isinstance(v, list):
+        return tuple(_as_tuples(x) for x in v)
+    return v
+
+
+def _build(cls: type[T], raw: dict[str, Any], source: str, *, lenient: bool) -> T:
+    """``cls(**raw)``: unknown fields dropped with a warning (``lenient``) or refused, lists
+    made tuples, nested config dicts rebuilt the same way; errors name ``source``."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    extra = sorted(set(raw) - set(known))
+    if extra and not lenient:
+        raise ValueError(
+            f"{source}: unknown {cls.__name__} field(s) {extra}; expected some of {sorted(known)}"
+        )
+    if extra:
+        warnings.warn(
+            f"{source}: dropped unknown {cls.__name__} field(s) {extra} (written by another "
+            "version of the lab?); the rest is read",
+            stacklevel=3,
+        )
+    kw: dict[str, Any] = {}
+    for name, v in raw.items():
+        if name not in known:
+            continue
+        kinds = [k.strip() for k in str(known[name].type).split("|") if k.strip() != "None"]
+        sub = _nested_by_name(cls, kinds[0]) if len(kinds) == 1 and isinstance(v, dict) else None
+        kw[name] = _build(sub, v, f"{source} [{name}]", lenient=lenient) if sub else _as_tuples(v)
+    if not lenient:  # a config built in code: its own error names the field
+        return cls(**kw)
+    try:
+        return cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def from_stored(cls: type[T], raw: Any, source: str) -> T:
+    """A ``cls`` config from what a file stored (its JSON text, or the parsed object): the one
+    reader of stored configs. Broken JSON, a JSON value that is not an object, and a value the
+    config refuses are a ValueError naming ``source``; fields this version does not know are
+    dropped with a warning naming them and ``source``; nested configs are read the same way."""
+    if isinstance(raw, str | bytes):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{source}: the stored {cls.__name__} is not valid JSON ({e}); the file is "
+                "damaged: write it again (re-save or rebuild)"
+            ) from e
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{source}: the stored {cls.__name__} is a JSON {type(raw).__name__}, not an object "
+            "of fields; the file is damaged or not one the lab wrote: write it again"
+        )
+    return _build(cls, raw, source, lenient=True)
+
+
 def _check_types(obj: Any) -> None:
     """Check every field against its annotation, naming the field: ``int`` fields hold integers
     (not bools, not 2.5), ``float`` fields finite real numbers (not NaN, inf, bools or strings),
-    ``bool`` fields bools, ``str`` fields strings, ``tuple[float/int, ...]`` fields sequences of
-    those; ``X | None`` also takes None. Other annotations (paths, nested configs) are left to
-    the config's own checks. Run first in ``__post_init__``, so a value of the wrong kind fails
-    here with the field named instead of as a ``TypeError`` in a comparison, or not at all."""
+    ``bool`` fields bools, ``str`` fields strings, ``Path`` fields paths or strings,
+    ``tuple[float/int, ...]`` fields sequences of those, nested config fields that config (a
+    dict of its fields is converted, unknown fields refused); ``X | None`` also takes None.
+    Run first in ``__post_init__``, so a value of the wrong kind fails here with the field named
+    instead of as a ``TypeError`` in a comparison, or not at all."""
     cls = type(obj).__name__
     for f in dataclasses.fields(obj):
         ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
@@ -66,11 +138,23 @@ def _check_types(obj: Any) -> None:
         elif kind == "str":
             ok = isinstance(v, str) or (f.name.endswith("path") and isinstance(v, os.PathLike))
             _check(ok, cls, f.name, f"must be a string, {got}")
+        elif kind == "Path":
+            _check(isinstance(v, str | os.PathLike), cls, f.name, f"must be a path, {got}")
         elif kind.startswith(("tuple[float", "tuple[int")):
             each = _is_finite if kind.startswith("tuple[float") else _is_int
             ok = isinstance(v, tuple | list) and all(each(x) for x in v)
             what = "finite numbers" if each is _is_finite else "integers"
             _check(ok, cls, f.name, f"must be a sequence of {what}, {got}")
+        elif (sub := _nested_by_name(type(obj), kind)) is not None:
+            if isinstance(v, dict):
+                v = _build(sub, v, f"{cls}.{f.name}", lenient=False)
+                object.__setattr__(obj, f.name, v)
+            _check(
+                isinstance(v, sub),
+                cls,
+                f.name,
+                f"must be a {sub.__name__} (or a dict of its fields), {got}",
+            )
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -178,6 +262,29 @@ class WorldConfig:
         )
         _range(self, "pause_range_s")
         _range(self, "lead_in_range_s")
+        pairs = self.heldout_pairs
+        _check(
+            isinstance(pairs, tuple | list)
+            and all(isinstance(p, tuple | list) and len(p) == 2 for p in pairs),
+            "WorldConfig",
+            "heldout_pairs",
+            f"must be (colour, shape) pairs, e.g. (('red', 'star'),), got {pairs!r}",
+        )
+        bad = [p for p in pairs if p[0] not in COLOUR_NAMES or p[1] not in SHAPES]
+        _check(
+            not bad,
+            "WorldConfig",
+            "heldout_pairs",
+            f"{bad} are not (colour, shape) pairs of the world: colours {list(COLOUR_NAMES)}, "
+            f"shapes {list(SHAPES)}",
+        )
+        _check(
+            len(pairs) > 0 or self.n_heldout_images == 0,
+            "WorldConfig",
+            "heldout_pairs",
+            "the held-out images are built around these pairs: give at least one, or set "
+            "n_heldout_images=0 for no held-out split",
+        )
 
     @property
     def n_images(self) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import re
 import struct
@@ -344,6 +345,82 @@ def test_the_decompression_bomb_limit_is_a_clear_error_not_an_allocation(tmp_pat
         resolve_image(path)
 
 
+def _tensor_cases():  # noqa: ANN202
+    """Tensors handed to ``ImageEncoder.encode`` (issue 20): converted as the array path, or refused."""
+    g = np.random.default_rng(3)
+    u8 = torch.from_numpy(g.integers(0, 256, (2, 3, 16, 16), dtype=np.uint8))
+    return (
+        ("uint8 [B,3,S,S]", u8, None),
+        ("uint8 [B,S,S,3]", u8.permute(0, 2, 3, 1).contiguous(), None),
+        ("uint8 [3,S,S], no batch", u8[0], None),
+        ("float 0..255", u8.float(), r"must be normalised as preprocess does .*0\.\.255|0..255"),
+        ("float with NaN", torch.full((1, 3, 16, 16), float("nan")), r"NaN"),
+        ("float 0..1 as 2x", torch.rand(1, 3, 16, 16) * 2 + 1.5, r"must be normalised"),
+        ("int64 pixels", u8.long(), r"pass uint8 pixels"),
+        ("uint8 [B,4,S,S]", torch.zeros(1, 4, 16, 16, dtype=torch.uint8), r"\[B, 3, H, W\]"),
+    )
+
+
+IMAGE_TENSOR_CASES = _tensor_cases()
+
+
+@pytest.mark.parametrize(
+    ("name", "t", "msg"), IMAGE_TENSOR_CASES, ids=[c[0] for c in IMAGE_TENSOR_CASES]
+)
+def test_image_tensors_are_converted_like_arrays_or_refused(name, t, msg) -> None:
+    enc = _tiny_vision()
+    if msg is None:
+        x = t.unsqueeze(0) if t.ndim == 3 else t
+        hwc = x if x.shape[-1] == 3 else x.permute(0, 2, 3, 1)
+        want = enc.encode(list(hwc.numpy()))
+        assert torch.equal(enc.encode(t), want)
+        return
+    with pytest.raises((ValueError, TypeError), match=msg):
+        enc.encode(t)
+
+
+def test_forward_refuses_integer_and_non_finite_pixel_values() -> None:
+    enc = _tiny_vision()
+    with pytest.raises(TypeError, match=r"normalised floats, got a torch.uint8"):
+        enc(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"NaN or infinite"):
+        enc(torch.full((1, 3, 16, 16), float("inf")))
+
+
+def _exif_jpeg(path: Path, orientation: int) -> Path:
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    im.paste((0, 0, 255), (20, 0, 40, 20))  # left red, right blue: a turn is visible
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(path, "JPEG", exif=exif, quality=95)
+    return path
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_honoured_by_every_image_entry_point(orientation, tmp_path) -> None:
+    from PIL import ImageOps
+
+    from moshivis_lab.vision.preprocess import open_image
+
+    path = _exif_jpeg(tmp_path / f"o{orientation}.jpg", orientation)
+    with Image.open(path) as raw:
+        upright = ImageOps.exif_transpose(raw)
+        assert np.array_equal(np.asarray(open_image(path)), np.asarray(upright))
+        want = preprocess(np.asarray(upright), SIDE)
+        assert torch.equal(preprocess(raw, SIDE), want)  # a PIL image opened by the user
+    assert torch.equal(preprocess(path, SIDE), want)  # a path
+    if orientation in (6, 8):
+        assert open_image(path).size == (20, 40)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path) -> None:
+    # 9600 x 9600 = 92 M pixels: over MAX_IMAGE_PIXELS (89 M), under PIL's own 2x error limit
+    path = _write(tmp_path / "claims_9600x9600.png", _png_header(9600, 9600))
+    assert Image.MAX_IMAGE_PIXELS < 9600 * 9600 < 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ValueError, match=r"92160000 pixels, over PIL.Image.MAX_IMAGE_PIXELS"):
+        preprocess(path, SIDE)
+
+
 _arrays = st.one_of(
     st.tuples(
         st.sampled_from([np.uint8, np.uint16, np.int32, np.float16, np.float32, np.float64, bool]),
@@ -592,6 +669,53 @@ def test_an_empty_or_silent_wav_file(tmp_path) -> None:
         prompt_audio(tmp_path / "silent.wav", SR)
 
 
+def _square(seconds: float, sr: int) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return np.sign(np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("subtype", "dtype", "sr"),
+    [("PCM_32", np.int32, 44100), ("PCM_16", np.int16, 48000), ("FLOAT", np.float32, 16000)],
+)
+def test_resampled_full_scale_audio_is_accepted_by_every_consumer(
+    codec, subtype, dtype, sr, tmp_path
+) -> None:
+    from moshivis_lab.audio.prosody import prosody_features
+
+    sq = _square(0.5, sr)
+    pcm = sq if dtype is np.float32 else (sq.astype(np.float64) * np.iinfo(dtype).max).astype(dtype)
+    path = tmp_path / "full_scale.wav"
+    sf.write(path, pcm, sr, subtype=subtype)
+    wav = load_audio(path, SR)
+    assert np.abs(wav).max() <= 1.0  # soxr rings to ~1.07 on a full-scale square: clipped
+    assert codec.encode(wav).shape[0] == 8
+    assert prompt_audio(wav, SR, prompt_rate=SR)[0].size == wav.size
+    prosody_features(wav, SR)
+    assert np.abs(prepare(pcm, sr, SR)).max() <= 1.0  # the array path too
+
+
+@pytest.mark.parametrize("channels", [9, 16])
+def test_many_channel_wav_files_are_mixed_to_mono(channels, tmp_path) -> None:
+    tone = _tone(0.25)
+    data = np.stack([tone * (c + 1) / (2 * channels) for c in range(channels)], axis=1)
+    path = tmp_path / f"{channels}ch.wav"
+    sf.write(path, data, SR, subtype="FLOAT")
+    wav = load_audio(path, SR)
+    assert wav.shape == (tone.size,)
+    assert np.allclose(wav, data.mean(axis=1), atol=1e-6)
+
+
+def test_the_channel_axis_advice_can_be_followed() -> None:
+    many = np.stack([_tone(0.1)] * 9)  # [9, samples]: more channels than the guess allows
+    with pytest.raises(ValueError, match=r"channel_axis=0 \(channels first\)"):
+        prepare(many, SR, SR)
+    assert prepare(many, SR, SR, channel_axis=0).shape == (many.shape[1],)
+    assert prepare(many.T, SR, SR, channel_axis=1).shape == (many.shape[1],)
+    with pytest.raises(ValueError, match="channel_axis must be 0 or 1"):
+        prepare(many, SR, SR, channel_axis=2)
+
+
 def test_ten_minutes_of_audio(tmp_path) -> None:
     # ten minutes at 8 kHz, 16-bit: read and resampled in full (the length is exact)...
     minutes = 10
@@ -662,6 +786,33 @@ TEXT_CASES: tuple[tuple[str, str], ...] = (
     ("100k characters", "the small red star is left of the blue square. " * 2128),
     ("100k characters, no spaces", "x" * 100_000),
 )
+
+
+SURROGATE_CASES: tuple[tuple[str, str, int], ...] = (
+    ("lone high surrogate", "ab\ud800cd", 2),
+    ("lone low surrogate first", "\udc00abc", 0),
+    ("surrogateescape'd bytes", b"red \xff star".decode("utf-8", "surrogateescape"), 4),
+    ("half an emoji pair at the end", "the star \ud83c", 9),
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "pos"), SURROGATE_CASES, ids=[c[0] for c in SURROGATE_CASES]
+)
+def test_text_that_is_not_unicode_is_refused_with_its_position(tokenizer, name, text, pos) -> None:
+    with pytest.raises(ValueError, match=rf"lone surrogate .* at position {pos} "):
+        tokenizer.encode(text)
+    fixed = text.encode("utf-8", "replace").decode("utf-8")  # the advice, followed
+    assert tokenizer.encode(fixed)
+
+
+def test_tts_refuses_a_lone_surrogate_clearly() -> None:
+    from moshivis_lab.world.speech import ASSISTANT_VOICE, synthesize
+
+    with pytest.raises(
+        ValueError, match=r"TTS text holds a lone surrogate '\\ud800' at position 2"
+    ):
+        synthesize("ab\ud800cd", ASSISTANT_VOICE)
 
 
 @pytest.fixture(scope="module")
@@ -967,6 +1118,126 @@ def test_nested_and_dict_configs() -> None:
     assert TokenizerConfig(model_path=Path("/x/spm.model")).model_path == Path("/x/spm.model")
 
 
+STORED_CONFIG_CASES: tuple[tuple[str, Any, str | None], ...] = (
+    ("broken JSON", '{"dim": 32,', r"is not valid JSON .* write it again"),
+    ("a JSON list", "[1, 2, 3]", r"is a JSON list, not an object of fields"),
+    ("a JSON string", '"tiny"', r"is a JSON str, not an object of fields"),
+    ("a JSON number", "7", r"is a JSON int, not an object of fields"),
+    ("an unknown field", {"future_knob": 1}, None),
+    (
+        "a refused value",
+        "refused",
+        r"(LMConfig\.dim|VisionConfig\.hidden_size): must be an integer",
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "stored", "msg"), STORED_CONFIG_CASES, ids=[c[0] for c in STORED_CONFIG_CASES]
+)
+def test_every_loader_reads_stored_configs_with_one_policy(
+    lm_and_codec, vis, name, stored, msg, tmp_path
+) -> None:
+    from moshivis_lab.model.checkpoint import CONFIG_KEY as LM_KEY
+    from moshivis_lab.model.checkpoint import to_released
+    from moshivis_lab.model.vis_checkpoint import CONFIG_KEY as VIS_KEY
+    from moshivis_lab.model.vis_checkpoint import read_moshivis_config
+
+    def text(base: dict[str, Any], refused: dict[str, Any], nest: str | None = None) -> str:
+        if stored == "refused":
+            extra = refused
+        elif isinstance(stored, str):
+            return stored
+        else:
+            extra = stored
+        if nest:
+            return json.dumps({**base, nest: {**base[nest], **extra}})
+        return json.dumps({**base, **extra})
+
+    model, _ = lm_and_codec
+    lm_file = tmp_path / "lm.safetensors"
+    state = {k: v.contiguous() for k, v in to_released(model.state_dict()).items()}
+    lm_meta = text(dataclasses.asdict(LM_CFG), {"dim": "wide"})
+    save_file(state, str(lm_file), metadata={"format": "pt", LM_KEY: lm_meta})
+    vis_file = tmp_path / "vis.safetensors"
+    save_moshivis(vis, vis_file)
+    _rewrite_meta(vis_file, {VIS_KEY: text(vis.cfg.to_dict(), {"dim": "wide"}, nest="lm")})
+    vdir = tmp_path / "vision"
+    _tiny_vision().save(vdir)
+    vc = json.loads((vdir / "vision_config.json").read_text())
+    (vdir / "vision_config.json").write_text(text(vc, {"hidden_size": "wide"}))
+    readers = {
+        lm_file: lambda: load_moshi(lm_file),
+        vis_file: lambda: read_moshivis_config(vis_file),
+        vdir: lambda: ImageEncoder.load(vdir),
+    }
+    for path, read in readers.items():
+        if msg is None:
+            with pytest.warns(
+                UserWarning, match=r"dropped unknown \w+ field\(s\) \['future_knob'\]"
+            ):
+                read()
+            continue
+        with pytest.raises(ValueError, match=msg) as e:
+            read()
+        assert str(path) in str(e.value), str(e.value)  # the file is named
+
+
+def _rewrite_meta(path: Path, changes: dict[str, str]) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = {**(f.metadata() or {}), **changes}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(state, str(path), metadata=meta)
+
+
+def test_a_stored_train_config_follows_the_same_policy() -> None:
+    from moshivis_lab.config import from_stored
+    from moshivis_lab.train.adapters import TrainConfig
+
+    d = json.loads(json.dumps(dataclasses.asdict(TrainConfig.smoke())))  # as train_report stores it
+    assert from_stored(TrainConfig, d, "r.json") == TrainConfig.smoke()
+    d["mix"]["future_mix_knob"] = 0.5
+    with pytest.warns(UserWarning, match=r"r\.json \[mix\]: dropped unknown MixConfig field"):
+        assert from_stored(TrainConfig, d, "r.json") == TrainConfig.smoke()
+    with pytest.raises(ValueError, match=r"r\.json: .*TrainConfig\.steps"):
+        from_stored(TrainConfig, {**d, "mix": {}, "steps": "many"}, "r.json")
+
+
+NESTED_CONFIG_CASES: tuple[tuple[str, Any, str], ...] = (
+    ("MoshiVisConfig(lm='tiny')", lambda: MoshiVisConfig(lm="tiny"), r"^MoshiVisConfig\.lm: must be a LMConfig"),
+    ("MoshiVisConfig(xa=3)", lambda: MoshiVisConfig(xa=3), r"^MoshiVisConfig\.xa: must be a XAConfig"),
+    ("LabConfig(codec='tiny')", lambda: LabConfig(codec="tiny"), r"^LabConfig\.codec: must be a CodecConfig"),
+    ("LabConfig(world=None)", lambda: LabConfig(world=None), r"^LabConfig\.world: must be a WorldConfig"),
+    ("LabConfig(tokenizer=1000)", lambda: LabConfig(tokenizer=1000), r"^LabConfig\.tokenizer: must be a"),
+    ("LabConfig(data_dir=None)", lambda: LabConfig(data_dir=None), r"^LabConfig\.data_dir: must be a path"),
+    ("LabConfig(data_dir=3)", lambda: LabConfig(data_dir=3), r"^LabConfig\.data_dir: must be a path"),
+    ("LabConfig(world={'sed': 1})", lambda: LabConfig(world={"sed": 1}), r"unknown WorldConfig field\(s\) \['sed'\]"),
+    ("heldout_pairs=()", lambda: WorldConfig(heldout_pairs=()), r"heldout_pairs: the held-out images are built around"),
+    ("heldout_pairs=(('red',),)", lambda: WorldConfig(heldout_pairs=(("red",),)), r"heldout_pairs: must be \(colour, shape\) pairs"),
+    ("heldout_pairs=('red', 'star')", lambda: WorldConfig(heldout_pairs=("red", "star")), r"heldout_pairs: must be \(colour, shape\) pairs"),
+    ("heldout_pairs unknown shape", lambda: WorldConfig(heldout_pairs=(("red", "dragon"),)), r"are not \(colour, shape\) pairs of the world"),
+    ("heldout_pairs unknown colour", lambda: WorldConfig(heldout_pairs=(("teal", "star"),)), r"are not \(colour, shape\) pairs of the world"),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "msg"), NESTED_CONFIG_CASES, ids=[c[0] for c in NESTED_CONFIG_CASES]
+)
+def test_nested_config_fields_are_checked_like_scalars(name, make, msg) -> None:
+    with pytest.raises(ValueError, match=msg):
+        make()
+
+
+def test_nested_configs_take_their_dict_form() -> None:
+    lab = LabConfig(world={"seed": 3}, codec={}, data_dir="somewhere")
+    assert lab.world == WorldConfig(seed=3) and lab.codec == CodecConfig()
+    assert lab.data_dir == Path("somewhere")
+    assert WorldConfig(heldout_pairs=(), n_heldout_images=0).heldout_pairs == ()
+    assert WorldConfig(heldout_pairs=[["red", "star"]]).heldout_pairs == [["red", "star"]]
+
+
 # =============================================================================== checkpoints
 
 LM_CFG = dataclasses.replace(
@@ -1263,6 +1534,9 @@ CLI_CASES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("pretrain-speech", "--steps", "1.5"), r"'--steps': Input should be a valid integer"),
     (("pretrain-vision", "--threads", "0"), r"'--threads': " + _GE1),
     (("reproduce", "--stage", "figures", "--stage", "bogus"), r"unknown stage\(s\) \['bogus'\]"),
+    (("reproduce", "--rebuild-bases", "yes"), r"Got unexpected extra argument"),
+    (("pretrain-bases", "--preset", "huge"), r"unknown preset 'huge'"),
+    (("pretrain-bases", "--no-such-option"), r"No such option"),
     (("frobnicate",), r"No such command 'frobnicate'"),
 )
 
@@ -1312,6 +1586,69 @@ def test_cli_any_unknown_preset_is_refused(name) -> None:
     assert result.exit_code == 2 and "unknown preset" in _flat(result.output)
 
 
+# A refused value for every option of every command; a new option fails
+# test_every_cli_option_refuses_a_bad_value until it is listed here. "FILE" is an existing file.
+BAD_OPTION_VALUES: dict[str, tuple[str, ...]] = {
+    "--preset": ("huge",),
+    "--data-dir": ("FILE", "FILE/sub"),
+    "--workers": ("0",),
+    "--stage": ("bogus",),
+    "--steps": ("0",),
+    "--minutes": ("nan",),
+    "--n-dialogues": ("0",),
+    "--split": ("bogus", "train"),
+    "--codebooks": ("9", "-1", "0,0", "a"),
+    "--run": ("../x",),
+    "--p-audio": ("1.5",),
+    "--image-tokens": ("pixels",),
+    "--per-type": ("0",),
+    "--spoken-per-type": ("0",),
+    "--threads": ("0",),
+    "--figures-dir": ("FILE", "FILE/sub"),
+    "--bases-root": ("FILE", "FILE/sub"),
+}
+
+
+def _cli_options() -> list[tuple[str, str, bool]]:
+    import typer.main
+
+    from moshivis_lab.cli import app
+
+    group = typer.main.get_command(app)
+    return [
+        (name, p.opts[0], bool(getattr(p, "is_flag", False)))
+        for name, cmd in group.commands.items()
+        for p in cmd.params
+        if p.opts and p.opts[0].startswith("--")
+    ]
+
+
+CLI_OPTIONS = _cli_options()
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "flag"), CLI_OPTIONS, ids=[f"{c} {o}" for c, o, _ in CLI_OPTIONS]
+)
+def test_every_cli_option_refuses_a_bad_value(command, option, flag, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    f = _write(tmp_path / "FILE", b"x")
+    if flag:
+        values = [f"{option}=yes"]  # a flag takes no value
+    else:
+        assert option in BAD_OPTION_VALUES, (
+            f"`{command} {option}` has no refused value in BAD_OPTION_VALUES: validate it at parse "
+            "time (a typer option constraint or callback) and list a bad value here"
+        )
+        values = [f"{option}={v.replace('FILE', str(f))}" for v in BAD_OPTION_VALUES[option]]
+    for arg in values:
+        extra = [] if option == "--data-dir" else ["--data-dir", str(tmp_path / "data")]
+        result = _invoke([command, arg, *extra])
+        out = _flat(result.output)
+        assert result.exit_code == 2, (arg, out)
+        assert option in out, (arg, out)  # the option is named
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"], arg  # nothing written
+
+
 # =============================================================================== the count
 
 
@@ -1322,32 +1659,40 @@ def _n(cases: tuple) -> int:
 # Inputs checked inline (not in a case tuple), per class.
 INLINE_CASES: dict[str, int] = {
     # encoder: RGBA, a 16-bit file, a truncated file in a batch; image_tokens: an RGBA file;
-    # viz: an RGB image and a uint8 array; the 20000x20000 header (preprocess + engine)
-    "images": 3 + 1 + 2 + 1,
+    # viz: an RGB image and a uint8 array; the 20000x20000 header (preprocess + engine);
+    # forward's uint8 and inf pixel_values; EXIF orientations 3 / 6 / 8 (three entry points
+    # each); the 9600x9600 header
+    "images": 3 + 1 + 2 + 1 + 2 + 3 * 3 + 1,
     # empty and silent arrays; 5 bad sample rates, an array without its rate, a 0 Hz target;
-    # empty and silent wav files; ten minutes
-    "audio": 2 + 7 + 2 + 1,
+    # empty and silent wav files; ten minutes; full-scale wavs resampled (3 files x 4 consumers
+    # + the array path), 9- and 16-channel wavs, the channel_axis advice (refused, two ways
+    # followed, a bad axis)
+    "audio": 2 + 7 + 2 + 1 + 3 * 5 + 2 + 4,
     # 4 non-strings, a missing tokenizer, 2 bad tokenizer files, 3 odd text_replies prompts, an
-    # empty text_replies prompt
-    "text": 4 + 1 + 2 + 3 + 1,
+    # empty text_replies prompt; a lone surrogate to the TTS
+    "text": 4 + 1 + 2 + 3 + 1 + 1,
     "configs": 5,  # nested / dict / sequence fields (test_nested_and_dict_configs)
     "checkpoints": 1,  # load_trainable's mismatched keys
     "CLI": 1,  # --data-dir naming a file
 }
 CASE_COUNTS: dict[str, int] = {
-    "images": _n(IMAGE_MODE_CASES) + _n(IMAGE_FILE_CASES) + _n(VIZ_MODE_CASES),
+    "images": _n(IMAGE_MODE_CASES)
+    + _n(IMAGE_FILE_CASES)
+    + _n(VIZ_MODE_CASES)
+    + _n(IMAGE_TENSOR_CASES),
     "audio": _n(AUDIO_CONVERTED_CASES)
     + _n(AUDIO_REFUSED_CASES)
     + _n(WAV_CASES)
     + _n(BAD_AUDIO_FILE_CASES),
-    "text": _n(TEXT_CASES) + _n(PROMPT_CASES),
+    "text": _n(TEXT_CASES) + _n(PROMPT_CASES) + _n(SURROGATE_CASES),
     "configs": _n(CONFIG_TYPE_CASES) + _n(CONFIG_DOMAIN_CASES),
     "checkpoints": _n(LM_CHECKPOINT_CASES)
     + _n(VIS_CHECKPOINT_CASES)
     + _n(LOAD_TRAINABLE_CASES)
     + _n(VISION_CHECKPOINT_CASES)
     + _n(CODEC_FILE_CASES),
-    "CLI": _n(CLI_CASES),
+    "CLI": _n(CLI_CASES)
+    + sum(1 if flag else len(BAD_OPTION_VALUES.get(o, ())) for _, o, flag in CLI_OPTIONS),
 }
 CASE_COUNTS = {k: v + INLINE_CASES[k] for k, v in CASE_COUNTS.items()}
 

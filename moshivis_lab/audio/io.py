@@ -19,7 +19,8 @@ def to_mono_float(
     """Return ``wav`` as 1-D float32 in [-1, 1]: ints are scaled, stereo is averaged, NaN/inf rejected.
 
     Integer PCM (int8/16/32, uint8) is scaled by its full range; float64 is cast. A 2-D array is
-    treated as multi-channel (the smaller axis unless ``channel_axis`` says) and averaged to mono.
+    treated as multi-channel and averaged to mono: ``channel_axis`` names the channel axis (then
+    any number of channels is taken); without it, the smaller axis, up to 8 channels.
     """
     a = np.asarray(wav)
     if a.dtype == object or a.dtype.kind not in "iuf":
@@ -32,11 +33,16 @@ def to_mono_float(
     if a.ndim == 2 and a.size == 0:  # no samples (an empty mono or stereo file): nothing to mix
         return np.zeros(0, np.float32)
     if a.ndim == 2:
-        axis = channel_axis if channel_axis is not None else int(np.argmin(a.shape))
-        if a.shape[axis] > 8:
+        if channel_axis is not None and channel_axis not in (0, 1, -1, -2):
             raise ValueError(
-                f"{name}: a 2-D array of shape {a.shape} does not look like [channels, samples]; "
-                "pass a 1-D mono signal or set channel_axis"
+                f"{name}: channel_axis must be 0 or 1 for a 2-D array, got {channel_axis}"
+            )
+        axis = channel_axis if channel_axis is not None else int(np.argmin(a.shape))
+        if channel_axis is None and a.shape[axis] > 8:
+            raise ValueError(
+                f"{name}: a 2-D array of shape {a.shape} does not look like [channels, samples] "
+                "(more than 8 channels); pass a 1-D mono signal, or channel_axis=0 (channels "
+                "first) or 1 (channels last) to prepare / to_mono_float"
             )
         a = a.mean(axis=axis)
     elif a.ndim != 1:
@@ -74,13 +80,19 @@ def prepare(
     *,
     min_seconds: float = 0.0,
     name: str = "audio",
+    channel_axis: int | None = None,
 ) -> np.ndarray:
-    """Mono float32 at ``target_rate`` from any PCM array at ``sample_rate`` (see ``to_mono_float``)."""
+    """Mono float32 in [-1, 1] at ``target_rate`` from any PCM array at ``sample_rate`` (see
+    ``to_mono_float``). Resampling can overshoot full scale a little (a full-scale square wave
+    rings to ~1.07): the resampled signal is clipped to [-1, 1], so every consumer accepts it."""
     if not isinstance(sample_rate, int | np.integer) or sample_rate <= 0:
         raise ValueError(
             f"{name}: sample_rate must be a positive integer (Hz), got {sample_rate!r}"
         )
-    a = resample(to_mono_float(wav, name=name), int(sample_rate), target_rate)
+    a = resample(
+        to_mono_float(wav, name=name, channel_axis=channel_axis), int(sample_rate), target_rate
+    )
+    a = np.clip(a, -1.0, 1.0)
     if a.size < int(round(min_seconds * target_rate)):
         raise ValueError(
             f"{name}: {a.size / target_rate:.3f} s is too short; at least {min_seconds:.3f} s is needed"
@@ -91,7 +103,8 @@ def prepare(
 def load_audio(
     path: str | os.PathLike[str], target_rate: int, *, min_seconds: float = 0.0
 ) -> np.ndarray:
-    """Read an audio file (wav, flac, ogg...) as mono float32 at ``target_rate``."""
+    """Read an audio file (wav, flac, ogg...) as mono float32 in [-1, 1] at ``target_rate``: every
+    channel averaged (any number), resampled, then clipped to [-1, 1] (see ``prepare``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such audio file")
@@ -101,7 +114,9 @@ def load_audio(
         raise ValueError(
             f"{path}: cannot be read as audio ({e}); is it a valid wav/flac/ogg file?"
         ) from e
-    return prepare(data.T, int(sr), target_rate, min_seconds=min_seconds, name=str(path))
+    return prepare(
+        data.T, int(sr), target_rate, min_seconds=min_seconds, name=str(path), channel_axis=0
+    )
 
 
 def is_silent(wav: np.ndarray, threshold: float = SILENCE_RMS) -> bool:

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moshivis_lab.artefacts import atomic_path
-from moshivis_lab.config import LMConfig
+from moshivis_lab.config import LMConfig, from_stored
 from moshivis_lab.model.lm import MoshiLM
 
 CONFIG_KEY = "moshivis_lab.lm_config"
@@ -195,9 +195,7 @@ def read_config(path: str | os.PathLike[str]) -> LMConfig | None:
     _, _, meta = _open(path)
     if CONFIG_KEY not in meta:
         return None
-    stored = json.loads(meta[CONFIG_KEY])
-    known = {f.name for f in dataclasses.fields(LMConfig)}
-    return LMConfig(**{k: v for k, v in stored.items() if k in known})
+    return from_stored(LMConfig, meta[CONFIG_KEY], f"{path} (metadata {CONFIG_KEY})")
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moshivis_lab.artefacts import atomic_path
-from moshivis_lab.config import MoshiVisConfig, XAConfig
+from moshivis_lab.config import MoshiVisConfig, XAConfig, from_stored
 from moshivis_lab.model.checkpoint import (
     _open,
     _released_shapes,
@@ -159,7 +159,7 @@ def read_moshivis_config(path: str | os.PathLike[str]) -> MoshiVisConfig | None:
     _, _, meta = _open(path)
     if CONFIG_KEY not in meta:
         return None
-    return MoshiVisConfig(**json.loads(meta[CONFIG_KEY]))
+    return from_stored(MoshiVisConfig, meta[CONFIG_KEY], f"{path} (metadata {CONFIG_KEY})")
 
 
 def _read(

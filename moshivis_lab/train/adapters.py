@@ -42,7 +42,7 @@ from moshivis_lab.artefacts import (
     trained_settings,
 )
 from moshivis_lab.artefacts import write_json as _write_json
-from moshivis_lab.config import ZERO_TOKEN, LabConfig, XAConfig, _check, _check_types
+from moshivis_lab.config import ZERO_TOKEN, LabConfig, XAConfig, _check, _check_types, from_stored
 from moshivis_lab.train.guard import check_finite
 from moshivis_lab.train.image_tokens import IMAGE_TOKEN_SOURCES
 from moshivis_lab.train.mix import Batch, MixConfig, MixedData, batch_for_step
@@ -701,8 +701,10 @@ def load_trained(cfg: LabConfig, run: str = "main", tcfg: TrainConfig | None = N
     report = out / "train_report.json"
     tcfg = tcfg or TrainConfig.tiny()
     if report.exists():
-        conf = read_json(report)["config"]
-        tcfg = _config_from_dict(conf)
+        stored = read_json(report)
+        if not isinstance(stored, dict) or "config" not in stored:
+            raise ValueError(f"{report} holds no 'config'; delete the run and train it again")
+        tcfg = from_stored(TrainConfig, stored["config"], f"{report} [config]")
     model = build_model(cfg, tcfg.xa)
     freeze_and_unfreeze(model, tcfg, log=lambda *_: None)
     path = out / "adapters.safetensors"
@@ -716,19 +718,6 @@ def load_trained(cfg: LabConfig, run: str = "main", tcfg: TrainConfig | None = N
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
-
-
-def _config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    d = dict(d)
-    d["mix"] = MixConfig(**d["mix"])
-    if d.get("xa") is not None:
-        xa = dict(d["xa"])
-        for k, v in xa.items():
-            if isinstance(v, list):
-                xa[k] = tuple(v)
-        d["xa"] = XAConfig(**xa)
-    d["lora_targets"] = tuple(d["lora_targets"])
-    return TrainConfig(**d)
 
 
 def ensure_pretrained(cfg: LabConfig, progress: bool = True) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from moshivis_lab.config import _check, _check_types, _positive
+from moshivis_lab.config import _check, _check_types, _positive, from_stored
 
 # PIL resampling filters by name (the paper squares images with a bicubic resize).
 RESAMPLE_NAMES: tuple[str, ...] = ("bicubic", "bilinear", "lanczos", "nearest")
@@ -224,15 +224,10 @@ class VisionConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
-        """Rebuild a config from ``to_dict`` output (unknown keys are an error)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = sorted(set(d) - known)
-        if extra:
-            raise ValueError(
-                f"VisionConfig.from_dict: unknown keys {extra}; expected a subset of {sorted(known)}"
-            )
-        return cls(**d)
+    def from_dict(cls, d: Any, source: str = "VisionConfig.from_dict") -> VisionConfig:
+        """Rebuild a config from ``to_dict`` output (a stored one: ``config.from_stored``'s
+        policy, unknown fields dropped with a warning naming ``source``)."""
+        return from_stored(cls, d, source)
 
     # ------------------------------------------------------------------ presets
 

@@ -312,7 +312,12 @@ class ImageEncoder(nn.Module):
     ) -> ImageEncoder:
         """Read what ``save`` wrote: ``vision_config.json`` + ``vision_tower.safetensors``."""
         d = Path(directory)
-        config = VisionConfig.from_dict(read_json(d / CONFIG_FILE))
+        path = d / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no vision config here; is {d} an encoder saved by ImageEncoder.save?"
+            )
+        config = VisionConfig.from_dict(path.read_text(encoding="utf-8"), str(path))
         state = read_tower_state(d / TOWER_FILE, tower_shapes(config), ("",), dtype=dtype)
         enc = cls.from_config(config, device=device, dtype=dtype, frozen=frozen)
         enc._load_canonical(state)
@@ -438,13 +443,20 @@ class ImageEncoder(nn.Module):
         return preprocess(images, self.config, background=background)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``pixel_values [B, 3, S, S]`` (from ``preprocess``) -> tokens ``[B, N, D]``."""
+        """``pixel_values [B, 3, S, S]`` (float, normalised by ``preprocess``) -> tokens ``[B, N, D]``."""
         s = self.config.image_size
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, s, s):
             raise ValueError(
                 f"pixel_values must be [B, 3, {s}, {s}], got {tuple(pixel_values.shape)}; "
                 "prepare images with encoder.preprocess(images) (or call encoder.encode(images))"
             )
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values must be normalised floats, got a {pixel_values.dtype} tensor; "
+                "pass 0..255 images to encoder.encode(images), which converts them"
+            )
+        if pixel_values.device.type != "meta" and not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("pixel_values hold NaN or infinite values; clean them first")
         ref = next(self.model.parameters())
         out = self.model(pixel_values=pixel_values.to(ref.device, ref.dtype))
         return out.last_hidden_state
@@ -452,13 +464,51 @@ class ImageEncoder(nn.Module):
     def encode(
         self, images: Images | torch.Tensor, background: Sequence[int] = WHITE
     ) -> torch.Tensor:
-        """Any images (or ready ``pixel_values``) -> tokens ``[B, N, D]``; no autograd graph
-        is kept when the encoder is frozen."""
-        pv = images if isinstance(images, torch.Tensor) else self.preprocess(images, background)
+        """Any images (or a tensor) -> tokens ``[B, N, D]``; no autograd graph is kept when the
+        encoder is frozen. A tensor is taken as ``preprocess`` would make it: a uint8 one
+        (``[B, 3, S, S]``, ``[B, S, S, 3]`` or one image without B) as 0..255 pixels, converted;
+        a float one as normalised ``pixel_values [B, 3, S, S]``, refused when its values lie
+        outside what ``preprocess`` can produce (0..255 or 0..1 pixels passed as floats)."""
+        if isinstance(images, torch.Tensor):
+            pv = self._tensor_pixels(images)
+        else:
+            pv = self.preprocess(images, background)
         if self._frozen:
             with torch.no_grad():
                 return self(pv)
         return self(pv)
+
+    def _tensor_pixels(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor given to ``encode`` as checked ``pixel_values`` (see ``encode``)."""
+        c = self.config
+        if t.dtype == torch.uint8:
+            x = t.unsqueeze(0) if t.ndim == 3 else t
+            if x.ndim == 4 and x.shape[1] == 3 and x.shape[-1] != 3:
+                x = x.permute(0, 2, 3, 1)  # [B, 3, H, W] -> [B, H, W, 3]
+            if x.ndim != 4 or x.shape[-1] != 3:
+                raise ValueError(
+                    f"a uint8 image tensor must be [B, 3, H, W] or [B, H, W, 3], got {tuple(t.shape)}"
+                )
+            return self.preprocess(list(x.cpu().numpy()))
+        if not t.is_floating_point():
+            raise TypeError(
+                f"got a {t.dtype} tensor; pass uint8 pixels (0..255) or normalised float "
+                "pixel_values from encoder.preprocess"
+            )
+        if t.ndim == 4 and t.shape[1] == 3 and bool(torch.isfinite(t).all()):
+            m = torch.as_tensor(c.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+            sd = torch.as_tensor(c.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+            tol = 1e-3
+            x = t.detach().float().cpu()
+            lo, hi = (0.0 - m) / sd - tol, (1.0 - m) / sd + tol
+            if bool((x < lo).any() or (x > hi).any()):
+                raise ValueError(
+                    f"float pixel_values must be normalised as preprocess does ((x - mean) / std "
+                    f"with mean {tuple(c.image_mean)}, std {tuple(c.image_std)}), got values "
+                    f"{float(x.min()):.3g}..{float(x.max()):.3g}; pass raw images (PIL, numpy, "
+                    "uint8 tensors) to encode() or normalise with encoder.preprocess"
+                )
+        return t
 
     def extra_repr(self) -> str:
         c = self.config

@@ -20,13 +20,14 @@ float (PIL mode ``F``, same filter), then clipped to [0, 1] (bicubic overshoots)
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moshivis_lab.vision.config import VisionConfig
 
@@ -65,11 +66,13 @@ def _composite(rgba: Image.Image, background: tuple[int, int, int]) -> Image.Ima
 
 def pil_to_rgb(image: Image.Image, background: Sequence[int] = WHITE) -> Image.Image | np.ndarray:
     """Any-mode PIL image -> an RGB PIL image, or a float32 ``HxWx3`` array in [0, 1] for
-    high-bit-depth modes (I;16*, I above 255, F). Alpha is composited over ``background``."""
+    high-bit-depth modes (I;16*, I above 255, F). Alpha is composited over ``background``; an
+    EXIF orientation (a phone's portrait JPEG) is applied, as photo viewers do."""
     bg = _check_background(background)
-    mode = image.mode
     if image.width == 0 or image.height == 0:
         raise ValueError(f"the image is empty ({image.width}x{image.height} pixels)")
+    image = upright(image)
+    mode = image.mode
     if mode == "RGB":
         return image
     if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
@@ -177,8 +180,25 @@ def array_to_rgb(arr: np.ndarray, background: Sequence[int] = WHITE) -> Image.Im
     raise ValueError(f"unsupported array dtype {arr.dtype}; pass uint8 (0..255) or float in [0, 1]")
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF Orientation tag says (Pillow's ``ImageOps.exif_transpose``);
+    the image itself when it has no such tag."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+    ):  # an unreadable EXIF block: keep the pixels as stored
+        return image
+    if orientation in (None, 1):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def open_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image file fully (the file is closed on return).
+    """Open an image file fully (the file is closed on return), turned upright by its EXIF
+    orientation (``upright``).
 
     Refused with a ``ValueError`` saying what to do: an empty file, a file PIL cannot identify, a
     truncated or damaged file, and an image larger than PIL's decompression-bomb limit
@@ -192,9 +212,18 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
     if p.stat().st_size == 0:
         raise ValueError(f"{p} is an empty file (0 bytes); pass a PNG/JPEG/... image file")
     try:
-        with Image.open(p) as im:
+        with warnings.catch_warnings():  # the size check below says it instead of PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(p)  # reads the header only
+        with im:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and im.width * im.height > limit:
+                raise Image.DecompressionBombError(
+                    f"{im.width}x{im.height} = {im.width * im.height} pixels, over "
+                    f"PIL.Image.MAX_IMAGE_PIXELS = {limit}"
+                )
             im.load()
-            return im.copy()
+            return upright(im.copy())
     except UnidentifiedImageError as e:
         raise ValueError(f"{p} is not an image PIL can read ({e}); pass a PNG/JPEG/... file") from e
     except Image.DecompressionBombError as e:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from moshivis_lab.audio.io import resample
+from moshivis_lab.world.tokenizer import check_unicode
 
 SAMPLE_RATE = 24000
 
@@ -210,7 +211,7 @@ class _Engine:
         with self.lock:
             self.set_voice(voice)
             self._chunks, self._events, self._phonemes = [], [], []
-            b = text.encode("utf-8")
+            b = check_unicode(text, "TTS text").encode("utf-8")
             seed = zlib.crc32(voice.espeak.encode() + b"\0" + b)
             self.lib.espeak_ng_SetRandSeed(seed)
             self._libc.srand(seed)

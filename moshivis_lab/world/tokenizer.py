@@ -50,12 +50,14 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no BOS/EOS). Empty or whitespace-only text gives [].
 
-        Characters the vocabulary cannot spell (no piece, no byte fallback) are refused: their
+        Text that is not valid Unicode (a lone surrogate) is refused with its position
+        (``check_unicode``). Characters the vocabulary cannot spell (no piece, no byte fallback) are refused: their
         ``<unk>`` id is Moshi's EPAD (0), so encoding them would silently put end-of-padding
         tokens in the text stream. The tiny tokenizer has byte fallback and spells anything.
         """
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
+        check_unicode(text)
         text = " ".join(text.split())
         ids = list(self.sp.encode(text)) if text else []
         if self.epad_id in ids and self.sp.is_unknown(self.epad_id):
@@ -106,6 +108,20 @@ class TextTokenizer:
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{path} is not a SentencePiece model ({e})") from e
         return cls(sp, str(path))
+
+
+def check_unicode(text: str, what: str = "text") -> str:
+    """``text`` itself, or a ValueError naming the first lone surrogate and its position: such a
+    string is not Unicode text and cannot be written as UTF-8 (for SentencePiece or espeak-ng)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} holds a lone surrogate {text[e.start]!r} at position {e.start} (not valid "
+            "Unicode: a half emoji pair, or bytes decoded with errors='surrogateescape'); remove "
+            "it, or replace it: text.encode('utf-8', 'replace').decode('utf-8')"
+        ) from None
+    return text
 
 
 def train_tokenizer(
