@@ -303,3 +303,28 @@ def test_phonetic_fit_needs_phonemes(small_cfg: CodecConfig) -> None:
         TinyCodec.fit([u.wav for u in bare], small_cfg, progress=False, labelled=bare)
     with pytest.raises(ValueError, match="semantic"):
         dataclasses.replace(small_cfg, semantic="words")
+
+
+def test_nearest_codeword_ties_have_one_winner_whatever_the_rounding() -> None:
+    from moshivis_lab.audio.tiny_codec import TIE_TOL, _nearest
+
+    rng = np.random.default_rng(0)
+    cents = rng.normal(size=(16, 6))
+    cents[9] = cents[3] * (1 + 1e-15)  # a near-duplicate codeword, as degenerate codebooks hold
+    cents[12] = cents[3]  # an exact one
+    x = cents[[3, 9, 12]] + 1e-3
+    base = _nearest(x, cents)
+    assert base.tolist() == [3, 3, 3]  # the lowest index wins the tie
+    for _ in range(20):  # last-bit noise (another BLAS kernel, another batch size) changes nothing
+        wobble = x * (1 + rng.uniform(-4e-16, 4e-16, size=x.shape))
+        assert _nearest(wobble, cents).tolist() == [3, 3, 3]
+    # a real difference (far above the tie tolerance) still decides
+    far = cents.copy()
+    far[9] = cents[3] + 1e-3
+    assert _nearest(far[[9]], far).tolist() == [9]
+    assert TIE_TOL < 1e-6
+    # batch-size independence on a batch of random points
+    pts = rng.normal(size=(333, 6))
+    whole = _nearest(pts, cents)
+    parts = np.concatenate([_nearest(pts[i : i + 7], cents) for i in range(0, 333, 7)])
+    assert np.array_equal(whole, parts)

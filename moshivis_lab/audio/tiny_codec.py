@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from moshivis_lab.world.speech import Utterance, Voice
 
 FORMAT_VERSION = 2  # 2: the phonetic semantic codebook
+TIE_TOL = 1e-9  # nearest-codeword ties (see _nearest)
 CONFIG_FILE = "tiny_codec.json"
 TABLES_FILE = "tiny_codec.safetensors"
 
@@ -241,10 +242,20 @@ def _clean_logf0(logf0: np.ndarray, voiced: np.ndarray, ctx: int) -> np.ndarray:
     return out
 
 
-def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid (squared Euclidean) for each row of ``x``."""
-    d = (centroids**2).sum(-1)[None, :] - 2.0 * (x @ centroids.T)
-    return np.argmin(d, axis=-1)
+def _nearest(
+    x: np.ndarray, centroids: np.ndarray, penalty: np.ndarray | None = None
+) -> np.ndarray:
+    """Index of the nearest centroid (squared Euclidean, plus ``penalty [N, K]``) for each row
+    of ``x``, with a deterministic tie rule: centroids within ``TIE_TOL`` (relative to the
+    distances' scale) of the nearest count as tied and the lowest index wins. BLAS kernels
+    (another CPU, another batch size) round the distances differently in the last bits, and a
+    plain argmin flips between such near-equal codewords (degenerate codebooks have many)."""
+    cc = (centroids**2).sum(-1)
+    d = cc[None, :] - 2.0 * (x @ centroids.T)
+    if penalty is not None:
+        d = d + penalty
+    tol = TIE_TOL * (1.0 + (x**2).sum(-1) + cc.max(initial=0.0))
+    return np.argmax(d <= d.min(-1, keepdims=True) + tol[:, None], axis=-1)
 
 
 def _kmeans(x: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
@@ -460,9 +471,9 @@ class TinyCodec:
         codes = np.zeros((self.num_codebooks, T), dtype=np.int64)
         codes[0] = self._semantic_codes(f, history)
         codes[1], feat = _pitch_targets(f, self._f0_levels)
-        dist = (t["contour"] ** 2).sum(-1)[None] - 2.0 * feat @ t["contour"].T
         mismatch = (voiced[:, None, :] != self._contour_pattern[None]).sum(-1)
-        codes[2] = np.argmin(dist + 1e3 * mismatch, axis=-1)  # the voicing pattern is kept exactly
+        # the voicing pattern is kept exactly (a mismatch costs more than any distance)
+        codes[2] = _nearest(feat, t["contour"], penalty=1e3 * mismatch)
         codes[3] = _nearest(f.energy, t["energy"])
         resid = np.where(live[..., None], f.shape - t["semantic"][codes[0]][:, None, :], 0.0)
         resid = resid.reshape(T, -1)
