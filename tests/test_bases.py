@@ -147,3 +147,14 @@ def test_reproduce_starts_from_the_shipped_bases_unless_asked(tiny, tmp_path) ->
     assert out["parts"] == dict.fromkeys(bases.PART_NAMES, "installed")
     smoke = Reproduction(preset("smoke", tmp_path / "s"), **quiet).bases()
     assert smoke["shipped"] is False
+
+
+def test_the_build_plan_counts_shipped_bases_as_installed(tiny) -> None:
+    from moshivis_lab.widgets.quickstart import SHIPPED_SECONDS, build_plan
+
+    plan = build_plan(tiny)
+    shipped = {a.name for a in plan.artefacts if a.shipped}
+    assert shipped == set(bases.PART_NAMES)
+    assert all(a.seconds == SHIPPED_SECONDS for a in plan.artefacts if a.shipped)
+    assert "shipped in bases/" in str(plan)
+    assert plan.seconds is not None and plan.seconds < 20 * 60

@@ -242,9 +242,7 @@ def _clean_logf0(logf0: np.ndarray, voiced: np.ndarray, ctx: int) -> np.ndarray:
     return out
 
 
-def _nearest(
-    x: np.ndarray, centroids: np.ndarray, penalty: np.ndarray | None = None
-) -> np.ndarray:
+def _nearest(x: np.ndarray, centroids: np.ndarray, penalty: np.ndarray | None = None) -> np.ndarray:
     """Index of the nearest centroid (squared Euclidean, plus ``penalty [N, K]``) for each row
     of ``x``, with a deterministic tie rule: centroids within ``TIE_TOL`` (relative to the
     distances' scale) of the nearest count as tied and the lowest index wins. BLAS kernels
