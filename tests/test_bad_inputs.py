@@ -1671,8 +1671,11 @@ INLINE_CASES: dict[str, int] = {
     # 4 non-strings, a missing tokenizer, 2 bad tokenizer files, 3 odd text_replies prompts, an
     # empty text_replies prompt; a lone surrogate to the TTS
     "text": 4 + 1 + 2 + 3 + 1 + 1,
-    "configs": 5,  # nested / dict / sequence fields (test_nested_and_dict_configs)
-    "checkpoints": 1,  # load_trainable's mismatched keys
+    # nested / dict / sequence fields (test_nested_and_dict_configs); dict forms and an empty
+    # heldout_pairs without held-out images (test_nested_configs_take_their_dict_form)
+    "configs": 5 + 4,
+    # load_trainable's mismatched keys; a stored TrainConfig: clean, unknown nested field, refused
+    "checkpoints": 1 + 3,
     "CLI": 1,  # --data-dir naming a file
 }
 CASE_COUNTS: dict[str, int] = {
@@ -1685,12 +1688,13 @@ CASE_COUNTS: dict[str, int] = {
     + _n(WAV_CASES)
     + _n(BAD_AUDIO_FILE_CASES),
     "text": _n(TEXT_CASES) + _n(PROMPT_CASES) + _n(SURROGATE_CASES),
-    "configs": _n(CONFIG_TYPE_CASES) + _n(CONFIG_DOMAIN_CASES),
+    "configs": _n(CONFIG_TYPE_CASES) + _n(CONFIG_DOMAIN_CASES) + _n(NESTED_CONFIG_CASES),
     "checkpoints": _n(LM_CHECKPOINT_CASES)
     + _n(VIS_CHECKPOINT_CASES)
     + _n(LOAD_TRAINABLE_CASES)
     + _n(VISION_CHECKPOINT_CASES)
-    + _n(CODEC_FILE_CASES),
+    + _n(CODEC_FILE_CASES)
+    + 3 * _n(STORED_CONFIG_CASES),  # each through the LM, MoshiVis and vision readers
     "CLI": _n(CLI_CASES)
     + sum(1 if flag else len(BAD_OPTION_VALUES.get(o, ())) for _, o, flag in CLI_OPTIONS),
 }

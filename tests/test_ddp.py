@@ -113,8 +113,10 @@ def test_two_process_ddp_matches_one_process(smoke_pretrained, tmp_path):
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"{k} differs between the two ranks"
     # Adam turns float-rounding differences of the gradients into update differences of
-    # ~1e-3 of a step; a mis-normalised shard (e.g. each rank dividing by its own weights)
-    # changes the update direction by ~10% or more. So compare to how far training moved.
+    # ~1e-3 of a step (the split run, whose micro-batches sum in another order, up to 2 % under
+    # another BLAS kernel family, OPENBLAS_CORETYPE=Haswell); a mis-normalised shard (e.g. each
+    # rank dividing by its own weights) changes the update direction by ~10% or more. So
+    # compare to how far training moved.
     start = _initial_adapters(smoke_pretrained)
     assert start.keys() == r0.keys()
     for k in r0:
@@ -125,7 +127,7 @@ def test_two_process_ddp_matches_one_process(smoke_pretrained, tmp_path):
         diff_split = (r0[k] - split[k]).abs().max().item()
         print(f"{k}: moved {moved:.2e}, |ddp - one| {diff:.2e}, |ddp - split| {diff_split:.2e}")
         assert diff <= 0.01 * moved + 1e-7, k
-        assert diff_split <= 0.02 * moved + 1e-7, k
+        assert diff_split <= 0.05 * moved + 1e-7, k
 
 
 def _initial_adapters(cfg) -> dict[str, torch.Tensor]:
