@@ -224,15 +224,22 @@ def install_bases(
     return out
 
 
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
 def _fp16_copy(src: Path, dest: Path) -> None:
-    """``src`` (safetensors) with every float32 tensor rounded to fp16, metadata kept."""
-    with safe_open(str(src), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {
-            k: (t.half() if t.dtype == torch.float32 else t).contiguous()
-            for k in f.keys()
-            for t in (f.get_tensor(k),)
-        }
+    """``src`` (safetensors) with every float32 tensor rounded to fp16, metadata kept. A
+    ``dest`` that already holds exactly that is left alone (safetensors writes the metadata
+    in no fixed order, so rewriting would change the bytes, not the content)."""
+    state, meta = _read_safetensors(src)
+    state = {k: (t.half() if t.dtype == torch.float32 else t).contiguous() for k, t in state.items()}
+    if dest.exists():
+        old, old_meta = _read_safetensors(dest)
+        if old_meta == meta and old.keys() == state.keys():
+            if all(old[k].dtype == t.dtype and torch.equal(old[k], t) for k, t in state.items()):
+                return
     with atomic_path(dest) as tmp:
         save_file(state, str(tmp), metadata=meta)
 

@@ -55,7 +55,7 @@ LOSS_KEYS = ("loss", "text_loss", "audio_loss", "semantic_loss", "acoustic_loss"
 class PretrainConfig:
     """Hyper-parameters of speech-LM pretraining (validated on construction)."""
 
-    steps: int = 1000
+    steps: int = 4000
     batch_size: int = 8
     seq_len: int = 128  # frames per crop (12.5 Hz: 128 = 10.24 s)
     # Share of crops that start just before a user turn (0-8 frames early), so that a question
@@ -167,9 +167,9 @@ class PretrainConfig:
 
     @classmethod
     def tiny(cls) -> PretrainConfig:
-        """The tiny preset: 1000 steps of 8 x 128 frames (plus 8 text-only dialogues), about 0.5 s
-        each on 2 idle CPU cores: 8-9 min. (1500 steps reach a lower NLL, 0.376 vs 0.497 val loss
-        at step 1000 of that schedule, but `make reproduce` must fit in 30 minutes.)"""
+        """The tiny preset, the recipe of the shipped base (``bases/tiny``): 4000 steps of
+        8 x 128 frames plus 8 text-only dialogues, 0.5-0.9 s each on 2 idle CPU cores, so
+        `make pretrain-bases` spends 35-60 min here (RESULTS.md has what the steps bought)."""
         return cls()
 
     @classmethod
