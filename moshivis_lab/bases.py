@@ -234,7 +234,9 @@ def _fp16_copy(src: Path, dest: Path) -> None:
     ``dest`` that already holds exactly that is left alone (safetensors writes the metadata
     in no fixed order, so rewriting would change the bytes, not the content)."""
     state, meta = _read_safetensors(src)
-    state = {k: (t.half() if t.dtype == torch.float32 else t).contiguous() for k, t in state.items()}
+    state = {
+        k: (t.half() if t.dtype == torch.float32 else t).contiguous() for k, t in state.items()
+    }
     if dest.exists():
         old, old_meta = _read_safetensors(dest)
         if old_meta == meta and old.keys() == state.keys():
