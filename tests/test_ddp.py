@@ -23,7 +23,7 @@ import torch
 
 WORKER = textwrap.dedent(
     """
-    import os, sys
+    import dataclasses, os, sys
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -43,9 +43,16 @@ WORKER = textwrap.dedent(
     A.build_model = capture
     if whole == "1":  # one forward per batch, as each DDP process does on its shard
         A.split_batch = lambda b: [b]
+    from moshivis_lab.config import XAConfig
+    from moshivis_lab.train.pretrain import load_speech_lm
+    from moshivis_lab.vision.pretrain import load_vision_encoder
+
+    # Kyutai's init (default out_proj): every adapter weight has a real gradient from step 1
+    xa = XAConfig.tiny(load_speech_lm(cfg).cfg, load_vision_encoder(cfg).hidden_size)
+    xa = dataclasses.replace(xa, gate_bias=-4.0, out_proj_init="default")
     tcfg = A.TrainConfig.smoke().replace(
         steps=int(steps), batch_size=int(batch), warmup_steps=1, threads=1,
-        eval_interval=1000, ckpt_interval=1000,
+        eval_interval=1000, ckpt_interval=1000, xa=xa,
     )
     A.train_adapters(cfg, tcfg, run=run, progress=False, log=lambda *_: None)
     rank = int(os.environ.get("RANK", "0"))
@@ -112,11 +119,13 @@ def test_two_process_ddp_matches_one_process(smoke_pretrained, tmp_path):
     assert r0.keys() == r1.keys() == single.keys() == split.keys() and len(r0) > 0
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"{k} differs between the two ranks"
-    # Adam turns float-rounding differences of the gradients into update differences of
-    # ~1e-3 of a step (the split run, whose micro-batches sum in another order, up to 2 % under
-    # another BLAS kernel family, OPENBLAS_CORETYPE=Haswell); a mis-normalised shard (e.g. each
-    # rank dividing by its own weights) changes the update direction by ~10% or more. So
-    # compare to how far training moved.
+    # The workers start from Kyutai's init: from the preset's zero out_proj the gate MLP's
+    # gradient is zero at step 1 and rounding noise just after, which Adam scales up to a
+    # full step in a random direction (measured 10.5 % of a step apart on a clean clone).
+    # Then Adam turns float-rounding differences of the gradients into update differences of
+    # under 1e-3 of a step (measured at most 0.06 %, the split run included); a mis-normalised
+    # shard (e.g. each rank dividing by its own weights) changes the update direction by ~10 %
+    # or more. So compare to how far training moved.
     start = _initial_adapters(smoke_pretrained)
     assert start.keys() == r0.keys()
     for k in r0:
@@ -127,22 +136,28 @@ def test_two_process_ddp_matches_one_process(smoke_pretrained, tmp_path):
         diff_split = (r0[k] - split[k]).abs().max().item()
         print(f"{k}: moved {moved:.2e}, |ddp - one| {diff:.2e}, |ddp - split| {diff_split:.2e}")
         assert diff <= 0.01 * moved + 1e-7, k
-        assert diff_split <= 0.05 * moved + 1e-7, k
+        assert diff_split <= 0.01 * moved + 1e-7, k
 
 
 def _initial_adapters(cfg) -> dict[str, torch.Tensor]:
     """The adapters as ``train_adapters`` initialises them (same seed), before any step."""
+    import dataclasses
+
+    from moshivis_lab.config import XAConfig
     from moshivis_lab.train.adapters import (
         TrainConfig,
         _trainable_state,
         build_model,
         freeze_and_unfreeze,
     )
+    from moshivis_lab.train.pretrain import load_speech_lm
     from moshivis_lab.vision.pretrain import load_vision_encoder
 
     tcfg = TrainConfig.smoke()
     image_dim = load_vision_encoder(cfg).hidden_size
+    xa = XAConfig.tiny(load_speech_lm(cfg).cfg, image_dim)
+    xa = dataclasses.replace(xa, gate_bias=-4.0, out_proj_init="default")  # as the workers
     torch.manual_seed(tcfg.seed)
-    model = build_model(cfg, tcfg.xa, image_dim=image_dim)
+    model = build_model(cfg, xa, image_dim=image_dim)
     freeze_and_unfreeze(model, tcfg, log=lambda *_: None)
     return _trainable_state(model)
