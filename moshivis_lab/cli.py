@@ -76,6 +76,11 @@ def _check_dir(v: Path | None) -> Path | None:
     return v
 
 
+def _out_dir(name: str, help: str) -> typer.models.OptionInfo:
+    """An output-directory option: a file there, or above it, is refused at parse time."""
+    return typer.Option(name, help=help, file_okay=False, callback=_check_dir)
+
+
 HELDOUT_SPLITS = ("val", "test", "heldout")
 
 
@@ -402,11 +407,7 @@ def reproduce_cmd(
     data_dir: DataDirOpt = None,
     figures_dir: Annotated[
         Path | None,
-        typer.Option(
-            help="where figures and REPORT.md go (default: ./figures for tiny)",
-            file_okay=False,
-            callback=_check_dir,
-        ),
+        _out_dir("--figures-dir", "where figures and REPORT.md go (default: ./figures for tiny)"),
     ] = None,
     stage: Annotated[
         list[str] | None,
@@ -451,11 +452,8 @@ def pretrain_bases_cmd(
     data_dir: DataDirOpt = None,
     bases_root: Annotated[
         Path | None,
-        typer.Option(
-            "--bases-root",
-            help="where bases/<preset>/ is written (default: the repository's bases/)",
-            file_okay=False,
-            callback=_check_dir,
+        _out_dir(
+            "--bases-root", "where bases/<preset>/ is written (default: the repository's bases/)"
         ),
     ] = None,
     quiet: QuietOpt = False,

@@ -115,3 +115,32 @@ def test_every_notebook_says_what_how_long_and_real_weights() -> None:
         code = "".join("".join(c["source"]) for c in d["cells"] if c["cell_type"] == "code")
         assert "MOSHIVIS_PRESET" in code, f"{name}: no preset switch (MOSHIVIS_PRESET)"
         assert name in readme, f"README's notebook map lacks {name}"
+
+
+def test_only_the_shipped_bases_are_large_files() -> None:
+    """No tracked file over 5 MB except a shipped base: under bases/<preset>/, recorded with its
+    sha256 in that preset's recipe.json (the recipe that made it), all bases <= 60 MB."""
+    import hashlib
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        import pytest
+
+        pytest.skip("not a git checkout")
+    tracked = [ROOT / p for p in out.decode().split("\0") if p]
+    recorded: dict[Path, str] = {}
+    for recipe in ROOT.glob("bases/*/recipe.json"):
+        r = json.loads(recipe.read_text())
+        for part in r["parts"].values():
+            for rel, info in part["files"].items():
+                recorded.update({p: info["sha256"] for p in recipe.parent.glob(f"*/{rel}")})
+    big = [p for p in tracked if p.is_file() and p.stat().st_size > 5_000_000]
+    for p in big:
+        assert p in recorded, f"{p.relative_to(ROOT)} is over 5 MB and not a shipped base"
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == recorded[p], p
+    bases = [p for p in tracked if p.is_file() and "bases" in p.relative_to(ROOT).parts[:1]]
+    assert sum(p.stat().st_size for p in bases) <= 60_000_000
