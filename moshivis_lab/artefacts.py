@@ -126,6 +126,12 @@ KEY_NEUTRAL_FIELDS: dict[str, Any] = {
     "caption_weight": 1.0,  # MixConfig: captions weigh as any assistant token
     "pack_answers_first": False,  # MixConfig: packed items in a random order
     "p_qa_session": 0.0,  # MixConfig: speechless samples only from the text shard
+    "depformer_norm": "mean_square",  # LMConfig: moshi's RMSNorm in the depformer
+    "norm_xa": "mean_square",  # XAConfig: moshi's RMSNorm after proj_xa
+    "norm_xa_eps": None,  # XAConfig: the LM's norm_eps
+    "norm_xa_fp32": True,  # XAConfig: norm_xa computed in float32
+    "gate_readout": "lab",  # XAConfig: the lab's reported gate value
+    "input_size": None,  # VisionConfig: images at the tower's native size
 }
 
 

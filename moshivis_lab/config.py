@@ -26,6 +26,7 @@ T = TypeVar("T")
 TEXT_EPAD_ID = 0
 TEXT_PAD_ID = 3
 ZERO_TOKEN = -1
+NORM_KINDS = ("mean_square", "variance")  # what an RMSNorm divides by: mean(x^2) or var(x)
 
 
 def _check(cond: bool, cls: str, name: str, msg: str) -> None:
@@ -473,6 +474,8 @@ class LMConfig:
     depformer_context: int = 8  # kept for moshi's kwargs; moshi's depformer attends to all steps
     depformer_weights_per_step: bool = True  # one set of attention/FFN weights per codebook step
     depformer_multi_linear: bool = True  # one `depformer_in` projection per codebook step
+    # the depformer's RMSNorm: "mean_square" (moshi, MLX, Rust) or "variance" (kyuteye_pt)
+    depformer_norm: str = "mean_square"
     text_weight: float = 1.0
     audio_weight: float = 1.0
     semantic_weight: float = 100.0  # first audio codebook's loss multiplier
@@ -525,6 +528,12 @@ class LMConfig:
             _check(0 <= getattr(self, n) < self.text_card, "LMConfig", n, "must be a valid text id")
         for n in ("text_weight", "audio_weight", "semantic_weight", "text_padding_weight"):
             _check(getattr(self, n) >= 0, "LMConfig", n, "must be >= 0")
+        _check(
+            self.depformer_norm in NORM_KINDS,
+            "LMConfig",
+            "depformer_norm",
+            f"must be one of {NORM_KINDS}, got {self.depformer_norm!r}",
+        )
 
     @property
     def num_codebooks(self) -> int:
@@ -647,6 +656,7 @@ def preset(name: str, data_dir: str | os.PathLike[str] | None = None) -> LabConf
 
 XA_GATINGS = ("conditional_sigmoid", "tanh_scalar", "none")
 XA_SHARINGS = ("qkv", "kv", "none")
+GATE_READOUTS = ("lab", "kyuteye")  # how one reported gate value is read off the layers' gates
 XA_OUT_INITS = ("default", "zero")
 
 
@@ -670,6 +680,13 @@ class XAConfig:
     (``g = 0.018``) with the default (truncated normal) ``out_proj``, so the update ``g * y`` is
     small but not zero; ``out_proj_init="zero"`` starts ``y = 0`` (so ``g * y = 0`` at init
     whatever the bias) and lets a larger bias (0: ``g = 0.5``) pass the gradient undamped.
+    ``norm_xa`` / ``norm_xa_eps`` / ``norm_xa_fp32``: the image prefix's RMSNorm (kind, eps, None =
+    the LM's ``norm_eps``, float32 compute); kyuteye_pt uses ``"variance"``, 1e-5, the input dtype.
+    ``gate_readout``: the one reported gate value (``MoshiVisOutput.gate_score``): ``"lab"`` is the
+    mean over the last 10 cross-attention layers of the gates as applied (``per_layer_alpha``
+    included, 1 without a gate); ``"kyuteye"`` is kyuteye_pt's: the mean gate of each layer among
+    the last 10 temporal layers, before ``per_layer_alpha`` (0 without a gate), summed and divided
+    by ``min(10, layers)``.
     """
 
     gating: str = "conditional_sigmoid"
@@ -682,9 +699,31 @@ class XAConfig:
     num_heads: int | None = None
     pool_tokens: int = 0
     out_proj_init: str = "default"
+    norm_xa: str = "mean_square"
+    norm_xa_eps: float | None = None
+    norm_xa_fp32: bool = True
+    gate_readout: str = "lab"
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check(
+            self.norm_xa in NORM_KINDS,
+            "XAConfig",
+            "norm_xa",
+            f"must be one of {NORM_KINDS}, got {self.norm_xa!r}",
+        )
+        _check(
+            self.norm_xa_eps is None or self.norm_xa_eps > 0,
+            "XAConfig",
+            "norm_xa_eps",
+            f"must be > 0 (or None: the LM's norm_eps), got {self.norm_xa_eps!r}",
+        )
+        _check(
+            self.gate_readout in GATE_READOUTS,
+            "XAConfig",
+            "gate_readout",
+            f"must be one of {GATE_READOUTS}, got {self.gate_readout!r}",
+        )
         _check(
             self.out_proj_init in XA_OUT_INITS,
             "XAConfig",
@@ -760,8 +799,17 @@ class XAConfig:
 
     @classmethod
     def moshika_vis(cls) -> XAConfig:
-        """The released moshika-vis adapters (SigLIP width 1152, demos skip 16 steps)."""
-        return cls(image_dim=1152, xa_start=16)
+        """The released moshika-vis adapters (SigLIP width 1152, demos skip 16 steps), computed
+        as kyuteye_pt computes them: variance RMSNorm after ``proj_xa`` (eps 1e-5, input dtype)
+        and its gate readout."""
+        return cls(
+            image_dim=1152,
+            xa_start=16,
+            norm_xa="variance",
+            norm_xa_eps=1e-5,
+            norm_xa_fp32=False,
+            gate_readout="kyuteye",
+        )
 
 
 @dataclass(frozen=True)
@@ -830,5 +878,7 @@ class MoshiVisConfig:
 
     @classmethod
     def moshika_vis(cls) -> MoshiVisConfig:
-        """The released MoshiVis: Moshi 7B + the moshika-vis adapters (206,184,448 parameters)."""
-        return cls(lm=LMConfig.moshi_7b(), xa=XAConfig.moshika_vis())
+        """The released MoshiVis: Moshi 7B + the moshika-vis adapters (206,184,448 parameters),
+        with kyuteye_pt's variance RMSNorm in the depformer (its ``rms_norm_f32``)."""
+        lm = dataclasses.replace(LMConfig.moshi_7b(), depformer_norm="variance")
+        return cls(lm=lm, xa=XAConfig.moshika_vis())

@@ -556,9 +556,7 @@ def test_bad_checkpoints_are_refused_whole(model: MoshiVis, tmp_path) -> None:
     good = save_moshivis(model, tmp_path / "good.safetensors")
     state = load_file(good)
     del state["llm.transformer.layers.1.cross_attention.gate.alpha.2.weight"]
-    state["llm.transformer.layers.1.cross_attention.mha.in_proj_weight"] = torch.zeros(
-        3 * LM.dim, LM.dim
-    )
+    state["llm.transformer.layers.1.cross_attention.mha.bias_q"] = torch.zeros(LM.dim)
     state["image_prefix.proj_xa.weight"] = torch.zeros(LM.dim, IMAGE_DIM + 1)
     save_file(state, tmp_path / "bad.safetensors")
     target = build(seed=5)
@@ -567,12 +565,25 @@ def test_bad_checkpoints_are_refused_whole(model: MoshiVis, tmp_path) -> None:
         load_moshivis_weights(target, tmp_path / "bad.safetensors")
     msg = str(err.value)
     assert "1 missing: llm.transformer.layers.1.cross_attention.gate.alpha.2.weight" in msg
-    assert "1 unexpected: llm.transformer.layers.1.cross_attention.mha.in_proj_weight" in msg
+    assert "1 unexpected: llm.transformer.layers.1.cross_attention.mha.bias_q" in msg
     assert "1 mis-shaped: image_prefix.proj_xa.weight [64, 25] (expected [64, 24])" in msg
     assert "Nothing was loaded" in msg
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
     with pytest.raises(ValueError, match="mis-shaped"):
         load_moshivis(tmp_path / "bad.safetensors", model.cfg)
+    # A copy of the shared projections under another layer (kyuteye's modules sit in every
+    # layer) is read when it equals the stored one and refused when it does not.
+    state = load_file(good)
+    copy = "llm.transformer.layers.1.cross_attention.mha.in_proj_weight"
+    state[copy] = state["llm.transformer.layers.0.cross_attention.mha.in_proj_weight"].clone()
+    save_file(state, tmp_path / "copies.safetensors")
+    load_moshivis_weights(target, tmp_path / "copies.safetensors")
+    assert torch.equal(target.shared_xa.in_proj_weight, model.shared_xa.in_proj_weight)
+    target.load_state_dict(before)
+    state[copy] = torch.zeros_like(state[copy])
+    save_file(state, tmp_path / "not_shared.safetensors")
+    with pytest.raises(ValueError, match=r"differ from the first layer's shared.*sharing='none'"):
+        load_moshivis_weights(target, tmp_path / "not_shared.safetensors")
 
     pickled = tmp_path / "model.pt"
     torch.save(model.state_dict(), pickled)

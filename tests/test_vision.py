@@ -278,6 +278,32 @@ def test_encoder_is_frozen_and_returns_tokens():
     assert not enc.training and not enc.encode(rgb_image()).requires_grad
 
 
+def test_other_input_sizes_interpolate_the_position_embeddings_as_kyuteye():
+    """kyuteye_pt feeds the 448 px tower 512 px images (transformers' interpolate_pos_encoding);
+    ``input_size`` does the same: more tokens, the tower's own interpolation, boxes to match."""
+    enc = random_encoder(tiny_cfg(input_size=44))  # 32 px tower read at 44 px: 5 x 5 tokens
+    assert enc.config.interpolates and enc.token_grid_side() == 5 and enc.num_tokens == 25
+    pixels = enc.preprocess(rgb_image())
+    assert pixels.shape == (1, 3, 44, 44)
+    with torch.no_grad():
+        ours = enc(pixels)
+        ref = enc.model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+        native = random_encoder(tiny_cfg())
+        at_32 = native.preprocess(rgb_image())
+        same = native.model(pixel_values=at_32, interpolate_pos_encoding=True).last_hidden_state
+    assert ours.shape == (1, 25, 32) and torch.equal(ours, ref)
+    assert torch.equal(native(at_32), same)  # at the native size interpolation is the identity
+    # 44 px = 5 patches of 8 + 4 px the convolution drops: boxes follow the patches
+    assert enc.token_box(6) == (8.0, 8.0, 16.0, 16.0)
+    assert enc.token_box(24, width=88, height=44) == (64.0, 32.0, 80.0, 40.0)
+    with pytest.raises(ValueError, match=r"must be \[B, 3, 44, 44\]"):
+        enc(torch.zeros(1, 3, 32, 32))
+    moshika = VisionConfig.moshika_vis()
+    assert (moshika.image_size, moshika.pixels, moshika.num_tokens) == (448, 512, 1296)
+    with pytest.raises(ValueError, match="input_size"):
+        tiny_cfg(input_size=4)
+
+
 def test_save_and_load_round_trip(tmp_path):
     enc = random_encoder()
     enc.save(tmp_path)

@@ -45,6 +45,7 @@ from moshivis_lab.config import TEXT_EPAD_ID, TEXT_PAD_ID, ZERO_TOKEN
 from moshivis_lab.interp.attention import fold_pooled_attention
 from moshivis_lab.interp.gates import GateIntervention
 from moshivis_lab.model.generate import timed_transcript
+from moshivis_lab.model.moshivis import reported_gate
 
 _PATTERN = "temporal.layers.{i}.cross_attention.hook_pattern"
 MAX_SECONDS = 60.0  # longest user audio (plus reply time) one conversation may hold
@@ -117,10 +118,15 @@ class Conversation:
         return int(min(max(math.floor(seconds * self.frame_rate), 0), self.n_steps - 1))
 
     def gate_score(self, last: int = 10) -> np.ndarray:
-        """The paper's gate value per step ``[T]``: mean over the last ``last`` layers."""
-        if last < 1:
-            raise ValueError(f"last must be >= 1, got {last}")
-        return self.gates[-last:].mean(axis=0)
+        """The reported gate value per step ``[T]`` (``reported_gate`` with the model's readout:
+        the lab's is the mean over the last ``last`` cross-attention layers)."""
+        return reported_gate(
+            self.gates,
+            self.layers,
+            self.info.get("num_layers"),
+            self.info.get("gate_readout", "lab"),
+            last=last,
+        )
 
     def _step(self, step: int) -> int:
         if not -self.n_steps <= int(step) < self.n_steps:
@@ -463,6 +469,8 @@ def record_conversation(
             "temperature": temperature,
             "text_temperature": text_temperature,
             "xa_start": int(model.cfg.xa.xa_start),
+            "num_layers": int(model.cfg.lm.num_layers),
+            "gate_readout": model.cfg.xa.gate_readout,
         },
     )
 

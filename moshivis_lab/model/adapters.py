@@ -308,14 +308,23 @@ def pool_token_grid(tokens: torch.Tensor, k: int) -> torch.Tensor:
 
 class ImagePrefix(nn.Module):
     """Encoder tokens ``[B, N, image_dim]`` -> ``norm_xa(proj_xa(x))`` ``[B, N, dim]`` (with
-    ``pool > 0``, the ``pool x pool`` block means appended to the tokens first)."""
+    ``pool > 0``, the ``pool x pool`` block means appended to the tokens first); ``norm`` and
+    ``fp32`` are ``norm_xa``'s ``RMSNorm`` kind and compute dtype."""
 
-    def __init__(self, image_dim: int, dim: int, eps: float, pool: int = 0) -> None:
+    def __init__(
+        self,
+        image_dim: int,
+        dim: int,
+        eps: float,
+        pool: int = 0,
+        norm: str = "mean_square",
+        fp32: bool = True,
+    ) -> None:
         super().__init__()
         self.image_dim = image_dim
         self.pool = pool
         self.proj_xa = nn.Linear(image_dim, dim, bias=True)
-        self.norm_xa = RMSNorm(dim, eps)
+        self.norm_xa = RMSNorm(dim, eps, norm, fp32)
         self.hook_out = HookPoint()
         self.reset_parameters()
 
@@ -344,7 +353,9 @@ class GatedCrossAttention(nn.Module):
     module is the one shared by all layers: it is kept as a reference, not registered here
     (``MoshiVis`` owns it). ``kv_group`` picks this layer's keys/values in an ``ImageKV``.
     ``per_layer_alpha`` (shared projections and shared gate) adds a per-layer scalar factor
-    starting at 1, as the reference code does.
+    starting at 1, as the reference code does. ``record_raw``: the gates written to the
+    ``XACall`` are kyuteye_pt's (before ``per_layer_alpha``, 0 without a gate; see
+    ``XAConfig.gate_readout``); ``hook_gate`` always carries the gate as applied.
     """
 
     def __init__(
@@ -360,6 +371,7 @@ class GatedCrossAttention(nn.Module):
         gate_shared: bool,
         kv_group: int,
         per_layer_alpha: bool = False,
+        record_raw: bool = False,
     ) -> None:
         super().__init__()
         if not mha.has_query:
@@ -378,6 +390,7 @@ class GatedCrossAttention(nn.Module):
         else:
             self.gate = gate
         self.per_layer_alpha = nn.Parameter(torch.ones(1, 1, 1)) if per_layer_alpha else None
+        self.record_raw = record_raw
         self.gate_override: GateOverride | None = None
         self.hook_q = HookPoint()
         self.hook_pattern = HookPoint()
@@ -399,16 +412,20 @@ class GatedCrossAttention(nn.Module):
         assert gate is None or isinstance(gate, XAGate)
         return gate
 
-    def _gate(self, y: torch.Tensor) -> torch.Tensor:
-        """Gate values broadcastable to ``y``, after ``per_layer_alpha`` and any override."""
+    def _gate(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate values broadcastable to ``y``: as applied (after ``per_layer_alpha`` and any
+        override) and as recorded (``record_raw``: the gate module's output before
+        ``per_layer_alpha``, 0 without a gate, as kyuteye_pt reports it; else as applied)."""
         gate = self.gate_module
         g = y.new_ones(1, 1, 1) if gate is None else gate(y)
+        raw = g if gate is not None else y.new_zeros(1, 1, 1)
         if self.per_layer_alpha is not None:
             g = g * self.per_layer_alpha.to(g.dtype)
         if self.gate_override is not None:
             kind, value = self.gate_override
             g = y.new_full((1, 1, 1), value) if kind == "value" else g * value
-        return g
+            raw = g
+        return g, (raw if self.record_raw else g)
 
     def _check_kv(self, kv: ImageKV, batch_size: int) -> None:
         if kv.num_groups <= self.kv_group:
@@ -453,15 +470,16 @@ class GatedCrossAttention(nn.Module):
         )
         assert mha.out_proj is not None
         y = self.hook_attn(mha.out_proj(z.transpose(1, 2).reshape(b, t, d)))
-        g = self._gate(y)
+        g, rec = self._gate(y)
         if call.start > 0:  # training forward reproducing a streaming run's xa_start
-            on = torch.arange(t, device=x.device) >= call.start
-            g = g * on[None, :, None].to(g.dtype)
+            on = torch.arange(t, device=x.device)[None, :, None] >= call.start
+            g, rec = g * on.to(g.dtype), rec * on.to(rec.dtype)
         g = self.hook_gate(g if g.shape == y.shape else g.expand_as(y))
+        rec = g if not self.record_raw else (rec if rec.shape == y.shape else rec.expand_as(y))
         if call.lazy_gates:  # averaged later, only if someone reads it
-            call.gate_values[self.layer_index] = g
+            call.gate_values[self.layer_index] = rec
         else:
-            call.gates[self.layer_index] = g.mean(dim=-1)
+            call.gates[self.layer_index] = rec.mean(dim=-1)
         return x + self.hook_out(g * y)
 
     def extra_repr(self) -> str:

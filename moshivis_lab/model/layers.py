@@ -22,28 +22,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moshivis_lab.config import NORM_KINDS
 from moshivis_lab.model.hooks import HookPoint
 
 Rope = torch.Tensor  # complex64 rotations [T, head_dim // 2]: cos + i sin of the angles
 
 
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * alpha``, computed in float32; ``alpha`` is ``[1, 1, dim]``."""
+    """``x / sqrt(s(x) + eps) * alpha`` over the last axis; ``alpha`` is ``[1, 1, dim]``.
 
-    def __init__(self, dim: int, eps: float) -> None:
+    ``kind="mean_square"``: ``s(x) = mean(x^2)`` (moshi's and the MLX/Rust ports' norm);
+    ``kind="variance"``: ``s(x) = var(x)``, unbiased, as kyuteye_pt's ``RMSNorm(use_var=True)``.
+    ``fp32``: compute in float32 (else in the input's dtype, as kyuteye's ``norm_xa``).
+    """
+
+    def __init__(self, dim: int, eps: float, kind: str = "mean_square", fp32: bool = True) -> None:
         super().__init__()
-        self.eps = eps
+        if kind not in NORM_KINDS:
+            raise ValueError(f"RMSNorm kind must be one of {NORM_KINDS}, got {kind!r}")
+        self.eps, self.kind, self.fp32 = eps, kind, fp32
         self.alpha = nn.Parameter(torch.ones(1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise over the last axis."""
         # Casts and reshapes only when needed: each is a dispatch, and a streaming step runs
         # ~50 norms at batch 1 (the arithmetic is the same either way).
-        xf = x if x.dtype == torch.float32 else x.float()
-        r = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        xf = x if not self.fp32 or x.dtype == torch.float32 else x.float()
+        if self.kind == "variance":
+            s = xf.var(dim=-1, keepdim=True)
+        else:
+            s = xf.pow(2).mean(dim=-1, keepdim=True)
+        r = torch.rsqrt(s + self.eps)
         alpha = self.alpha if x.dim() == 3 else self.alpha.reshape(-1)
-        if alpha.dtype != torch.float32:
-            alpha = alpha.float()
+        if alpha.dtype != xf.dtype:
+            alpha = alpha.to(xf.dtype)
         y = xf * (alpha * r)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -235,7 +247,8 @@ class GatedFFN(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-norm layer: ``x += attn(norm1(x))``; [cross-attention slot]; ``x += ffn(norm2(x))``.
 
-    ``n_weights > 1`` gives per-step weights (the depformer's "multi-linear" layout).
+    ``n_weights > 1`` gives per-step weights (the depformer's "multi-linear" layout); ``norm``
+    is the ``RMSNorm`` kind of both norms.
     """
 
     def __init__(
@@ -246,12 +259,13 @@ class TransformerLayer(nn.Module):
         eps: float,
         n_weights: int = 1,
         context: int | None = None,
+        norm: str = "mean_square",
     ) -> None:
         super().__init__()
         self.n_weights = n_weights
         self.self_attn = SelfAttention(dim, num_heads, n_weights, context)
-        self.norm1 = RMSNorm(dim, eps)
-        self.norm2 = RMSNorm(dim, eps)
+        self.norm1 = RMSNorm(dim, eps, norm)
+        self.norm2 = RMSNorm(dim, eps, norm)
         self.gating: nn.Module
         if n_weights == 1:
             self.gating = GatedFFN(dim, dim_feedforward)

@@ -162,6 +162,7 @@ class MoshiLM(_hooks.HookedModel, nn.Module):
                     cfg.depformer_dim_feedforward,
                     cfg.norm_eps,
                     n_weights=n_w,
+                    norm=cfg.depformer_norm,
                 )
                 for _ in range(cfg.depformer_num_layers)
             ]

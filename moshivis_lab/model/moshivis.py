@@ -60,12 +60,42 @@ class MoshiVisOutput(LMOutput):
 
     gates: torch.Tensor
     xa_layers: tuple[int, ...]
+    num_layers: int | None = None  # temporal layers of the LM (None: len(xa_layers))
+    gate_readout: str = "lab"
 
     def gate_score(self, last: int = 10) -> torch.Tensor:
-        """The paper's reported gate value ``[B, T]``: mean over the last ``last`` layers."""
-        if last < 1:
-            raise ValueError(f"last must be >= 1, got {last}")
-        return self.gates[:, -last:].mean(dim=1)
+        """The reported gate value ``[B, T]`` (``reported_gate`` with the model's readout)."""
+        return reported_gate(
+            self.gates, self.xa_layers, self.num_layers, self.gate_readout, last=last
+        )
+
+
+def reported_gate(
+    gates: Any,
+    xa_layers: Sequence[int],
+    num_layers: int | None = None,
+    readout: str = "lab",
+    last: int = 10,
+) -> Any:
+    """One gate value per step from per-layer gates ``[..., len(xa_layers), T]`` (tensor or array).
+
+    ``"lab"``: the mean over the last ``last`` cross-attention layers. ``"kyuteye"``
+    (kyuteye_pt's ``Transformer.forward``): the sum over the cross-attention layers whose index
+    is among the last ``last`` of ``num_layers`` temporal layers, divided by
+    ``min(last, num_layers)``; the gates must then be recorded raw (``XAConfig.gate_readout``).
+    """
+    if last < 1:
+        raise ValueError(f"last must be >= 1, got {last}")
+    if gates.shape[-2] != len(xa_layers):
+        raise ValueError(f"gates hold {gates.shape[-2]} layers for xa_layers {tuple(xa_layers)}")
+    if readout == "lab":
+        return gates[..., -last:, :].mean(-2)
+    if readout != "kyuteye":
+        raise ValueError(f"readout must be 'lab' or 'kyuteye', got {readout!r}")
+    n = len(xa_layers) if num_layers is None else int(num_layers)
+    keep = [j for j, i in enumerate(xa_layers) if i >= n - last]
+    total = gates[..., keep, :].sum(-2) if keep else gates[..., :1, :].sum(-2) * 0
+    return total / min(last, n)
 
 
 class MoshiVis(_hooks.HookedModel, nn.Module):
@@ -102,7 +132,14 @@ class MoshiVis(_hooks.HookedModel, nn.Module):
         zero_out = xa.out_proj_init == "zero"
         factory = {"device": lm.device, "dtype": lm.dtype}
         # Registered before ``lm`` so that hook names come in forward order.
-        self.image_prefix = ImagePrefix(xa.image_dim, d, eps, xa.pool_tokens).to(**factory)
+        self.image_prefix = ImagePrefix(
+            xa.image_dim,
+            d,
+            eps if xa.norm_xa_eps is None else xa.norm_xa_eps,
+            xa.pool_tokens,
+            norm=xa.norm_xa,
+            fp32=xa.norm_xa_fp32,
+        ).to(**factory)
         self.shared_xa: CrossAttention | None = None
         if xa.sharing != "none":
             self.shared_xa = CrossAttention(
@@ -135,6 +172,7 @@ class MoshiVis(_hooks.HookedModel, nn.Module):
                 gate_shared=xa.gate_shared,
                 kv_group=group,
                 per_layer_alpha=xa.gate_shared and xa.sharing == "qkv",
+                record_raw=xa.gate_readout == "kyuteye",
             )
             lm.transformer.layers[i].cross_attention = adapter.to(**factory)
         self._last_gates: torch.Tensor | None = None
@@ -263,7 +301,13 @@ class MoshiVis(_hooks.HookedModel, nn.Module):
             out = self.lm(codes, image_kv=call)
             gates = torch.stack([call.gates[i] for i in layers], dim=1)
         fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(LMOutput)}
-        return MoshiVisOutput(**fields, gates=gates, xa_layers=layers)
+        return MoshiVisOutput(
+            **fields,
+            gates=gates,
+            xa_layers=layers,
+            num_layers=self.cfg.lm.num_layers,
+            gate_readout=self.cfg.xa.gate_readout,
+        )
 
     def loss(self, codes: torch.Tensor, output: LMOutput) -> dict[str, torch.Tensor]:
         """The LM's weighted text + audio loss (see ``MoshiLM.loss``)."""

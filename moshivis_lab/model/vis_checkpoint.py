@@ -47,6 +47,7 @@ from safetensors.torch import save_file
 from moshivis_lab.artefacts import atomic_path
 from moshivis_lab.config import MoshiVisConfig, XAConfig, from_stored
 from moshivis_lab.model.checkpoint import (
+    _listing,
     _open,
     _released_shapes,
     check_shapes,
@@ -110,6 +111,23 @@ def adapter_key_map(model: MoshiVis) -> dict[str, str]:
     return out
 
 
+def shared_aliases(model: MoshiVis) -> dict[str, str]:
+    """Released names a shared tensor may also have under the other cross-attention layers ->
+    its stored name (under the first). kyuteye_pt's shared modules sit in every layer, so a
+    state dict saved from it can hold the copies; its loader needs the shared gate in every
+    layer (``save_moshivis(..., layout="kyuteye")`` writes them)."""
+    first, out = model.cfg.layers[0], {}
+    stored = [
+        v for k, v in adapter_key_map(model).items() if k.startswith(("shared_xa.", "shared_gate."))
+    ]
+    head = f"llm.transformer.layers.{first}.cross_attention."
+    for name in stored:
+        rest = name[len(head) :]
+        for i in model.cfg.layers[1:]:
+            out[f"llm.transformer.layers.{i}.cross_attention.{rest}"] = name
+    return out
+
+
 def _split(model: MoshiVis) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``model``'s state: the LM's backbone (MoshiLM names) and the adapters (module names)."""
     adapters = set(adapter_key_map(model))
@@ -170,10 +188,22 @@ def _read(
     path, shapes, _ = _open(path)
     skipped = sorted(k for k in shapes if k.startswith(ENCODER_PREFIX))
     found = {k: s for k, s in shapes.items() if not k.startswith(ENCODER_PREFIX)}
-    check_shapes(found, released_shapes(model, adapters_only), str(path))
+    aliases = {k: v for k, v in shared_aliases(model).items() if k in found}
+    expected = released_shapes(model, adapters_only)
+    expected.update({k: expected[v] for k, v in aliases.items()})
+    check_shapes(found, expected, str(path))
     with safe_open(str(path), framework="pt", device="cpu") as f:
         state = {k: f.get_tensor(k) for k in found}
     check_values(state, str(path))
+    differ = [k for k, v in aliases.items() if not torch.equal(state[k], state[v])]
+    if differ:
+        raise ValueError(
+            f"{path}: {_listing(differ, 'tensor')} differ from the first layer's shared ones "
+            f"({aliases[differ[0]]}): this checkpoint does not share them; build the model with "
+            "XAConfig(sharing='none') or gate_shared=False. Nothing was loaded."
+        )
+    for k in aliases:
+        del state[k]
     back = {v: k for k, v in adapter_key_map(model).items()}
     out = {back[k]: t for k, t in state.items() if k in back}
     if not adapters_only:
@@ -230,12 +260,24 @@ def _write(state: Mapping[str, torch.Tensor], path: Path, meta: dict[str, str]) 
     return path
 
 
-def save_moshivis(model: MoshiVis, path: str | os.PathLike[str]) -> Path:
+SAVE_LAYOUTS = ("lab", "kyuteye")
+
+
+def save_moshivis(model: MoshiVis, path: str | os.PathLike[str], layout: str = "lab") -> Path:
     """Write LM + adapters in the released layout (config in the metadata), atomically.
 
-    No encoder weights are written (the encoder is frozen and loaded on its own).
+    ``layout="kyuteye"`` also writes a shared gate under every cross-attention layer, which
+    kyuteye_pt's loader requires (``"lab"``, like the release, stores each shared tensor once;
+    both read back here). No encoder weights are written (the encoder is loaded on its own).
     """
-    return _write(to_released_state(model), Path(path), _meta(model))
+    if layout not in SAVE_LAYOUTS:
+        raise ValueError(f"layout must be one of {SAVE_LAYOUTS}, got {layout!r}")
+    state = to_released_state(model)
+    if layout == "kyuteye":
+        for alias, name in shared_aliases(model).items():
+            if ".cross_attention.gate." in alias:
+                state[alias] = state[name].clone()
+    return _write(state, Path(path), _meta(model))
 
 
 # ---------------------------------------------------------------------- adapters only
@@ -246,7 +288,10 @@ def save_adapters(model: MoshiVis, path: str | os.PathLike[str]) -> Path:
     return _write(to_released_state(model, adapters_only=True), Path(path), _meta(model))
 
 
-_XA_ARCH = [f.name for f in dataclasses.fields(XAConfig) if f.name != "xa_start"]
+# How the adapters compute, not how the run reads them: xa_start and the gate readout may differ.
+_XA_ARCH = [
+    f.name for f in dataclasses.fields(XAConfig) if f.name not in ("xa_start", "gate_readout")
+]
 
 
 @torch.no_grad()
@@ -255,7 +300,7 @@ def load_adapters(model: MoshiVis, path: str | os.PathLike[str]) -> MoshiVis:
 
     Strict: every adapter tensor must be there with its shape, nothing else (encoder keys are
     skipped); when the file records its config, the adapter architecture (every ``XAConfig``
-    field but ``xa_start``) and the LM width must match. On any error ``model`` is untouched.
+    field but ``xa_start`` and ``gate_readout``) and the LM width must match. On any error ``model`` is untouched.
     """
     stored = read_moshivis_config(path)
     if stored is not None:

@@ -34,7 +34,9 @@ class VisionConfig:
     The tower's output is ``last_hidden_state`` ``[B, num_tokens, hidden_size]`` with
     ``num_tokens = grid_side ** 2`` and ``grid_side = image_size // patch_size``; token
     ``r * grid_side + c`` covers pixels ``[r*patch, (r+1)*patch) x [c*patch, (c+1)*patch)`` of
-    the resized image.
+    the resized image. ``input_size``: the side images are resized to (None: ``image_size``, the
+    tower's native size); any other size makes the tower interpolate its position embeddings, as
+    kyuteye_pt does (its moshika-vis config reads 512 px on the 448 px tower: 36 x 36 tokens).
     """
 
     name: str = "tiny"
@@ -51,6 +53,7 @@ class VisionConfig:
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
     resample: str = "bicubic"
+    input_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -111,6 +114,12 @@ class VisionConfig:
             f"must be one of {RESAMPLE_NAMES}, got {self.resample!r}",
         )
         _check(self.num_channels == 3, n, "num_channels", "SigLIP reads RGB: must be 3")
+        _check(
+            self.input_size is None or self.input_size >= self.patch_size,
+            n,
+            "input_size",
+            f"must be >= patch_size {self.patch_size} (or None: image_size), got {self.input_size!r}",
+        )
 
     def _divisor_hint(self) -> str:
         divs = [p for p in range(2, min(self.image_size, 33)) if self.image_size % p == 0]
@@ -119,9 +128,19 @@ class VisionConfig:
     # ------------------------------------------------------------------ derived
 
     @property
+    def pixels(self) -> int:
+        """Side of the square images fed to the tower (``input_size``, else ``image_size``)."""
+        return self.image_size if self.input_size is None else self.input_size
+
+    @property
+    def interpolates(self) -> bool:
+        """Whether the tower must interpolate its position embeddings (``pixels != image_size``)."""
+        return self.pixels != self.image_size
+
+    @property
     def grid_side(self) -> int:
-        """Tokens per side of the square token grid (``image_size // patch_size``)."""
-        return self.image_size // self.patch_size
+        """Tokens per side of the square token grid (``pixels // patch_size``)."""
+        return self.pixels // self.patch_size
 
     @property
     def num_tokens(self) -> int:
@@ -243,6 +262,12 @@ class VisionConfig:
         time, and neither learnt to tell the rendered words apart in that budget.
         """
         return cls()
+
+    @classmethod
+    def moshika_vis(cls) -> VisionConfig:
+        """The tower as kyuteye_pt's ``configs/moshika-vis.yaml`` runs it: 448 px weights read at
+        512 px (1296 tokens; its server and web client send 448 px images instead)."""
+        return dataclasses.replace(cls.siglip_gemma2_448(), input_size=512)
 
     @classmethod
     def siglip_gemma2_448(cls) -> VisionConfig:

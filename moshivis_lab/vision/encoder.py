@@ -399,8 +399,8 @@ class ImageEncoder(nn.Module):
 
     @property
     def image_size(self) -> int:
-        """Side of the square images the tower reads."""
-        return self.config.image_size
+        """Side of the square images the tower reads (``VisionConfig.pixels``)."""
+        return self.config.pixels
 
     @property
     def hidden_size(self) -> int:
@@ -424,10 +424,10 @@ class ImageEncoder(nn.Module):
         side = self.config.grid_side
         if not 0 <= index < side * side:
             raise ValueError(f"token index must be in [0, {side * side}), got {index}")
-        w = float(width or self.config.image_size)
-        h = float(height or self.config.image_size)
+        px, patch = self.config.pixels, self.config.patch_size
+        sx, sy = float(width or px) / px, float(height or px) / px
         r, c = divmod(index, side)
-        return (c * w / side, r * h / side, (c + 1) * w / side, (r + 1) * h / side)
+        return (c * patch * sx, r * patch * sy, (c + 1) * patch * sx, (r + 1) * patch * sy)
 
     def tokens_to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, N, D]`` tokens -> ``[B, side, side, D]`` (row-major, as the patches were cut)."""
@@ -444,7 +444,7 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``pixel_values [B, 3, S, S]`` (float, normalised by ``preprocess``) -> tokens ``[B, N, D]``."""
-        s = self.config.image_size
+        s = self.config.pixels
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, s, s):
             raise ValueError(
                 f"pixel_values must be [B, 3, {s}, {s}], got {tuple(pixel_values.shape)}; "
@@ -458,7 +458,10 @@ class ImageEncoder(nn.Module):
         if pixel_values.device.type != "meta" and not bool(torch.isfinite(pixel_values).all()):
             raise ValueError("pixel_values hold NaN or infinite values; clean them first")
         ref = next(self.model.parameters())
-        out = self.model(pixel_values=pixel_values.to(ref.device, ref.dtype))
+        out = self.model(
+            pixel_values=pixel_values.to(ref.device, ref.dtype),
+            interpolate_pos_encoding=self.config.interpolates,
+        )
         return out.last_hidden_state
 
     def encode(
@@ -513,7 +516,7 @@ class ImageEncoder(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (
-            f"name={c.name!r}, image_size={c.image_size}, patch={c.patch_size}, "
+            f"name={c.name!r}, image_size={c.image_size}, input={c.pixels}, patch={c.patch_size}, "
             f"tokens={c.num_tokens}x{c.hidden_size}, layers={c.num_layers}, frozen={self._frozen}"
         )
 
@@ -537,6 +540,7 @@ def describe(config: VisionConfig) -> dict[str, Any]:
     return {
         "name": config.name,
         "image_size": config.image_size,
+        "input_size": config.pixels,
         "patch_size": config.patch_size,
         "grid_side": config.grid_side,
         "tokens": config.num_tokens,

@@ -321,12 +321,12 @@ def preprocess(
 ) -> torch.Tensor:
     """Images -> SigLIP ``pixel_values`` ``[B, 3, S, S]`` float32.
 
-    ``config``: a ``VisionConfig`` (its ``image_size``, ``resample``, ``image_mean`` /
+    ``config``: a ``VisionConfig`` (its ``pixels``, ``resample``, ``image_mean`` /
     ``image_std``) or just the side ``S`` (then bicubic, mean 0.5, std 0.5). One image gives a
     batch of one. ``background``: the colour transparent pixels are composited over.
     """
     if isinstance(config, VisionConfig):
-        size, resample = config.image_size, config.resample
+        size, resample = config.pixels, config.resample
         mean, std = config.image_mean, config.image_std
     elif isinstance(config, int) and not isinstance(config, bool) and config > 0:
         size, resample, mean, std = config, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
