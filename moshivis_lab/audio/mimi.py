@@ -1,7 +1,9 @@
 """Kyutai's Mimi codec behind the lab's codec protocol, through transformers' ``MimiModel``.
 
 Weights are read from a LOCAL directory in the Hugging Face ``kyutai/mimi`` layout
-(``config.json`` + ``model.safetensors``); nothing is downloaded. Moshi uses the first 8 of
+(``config.json`` + ``model.safetensors``) or from Kyutai's own file in the ``moshi`` layout
+(``tokenizer-e351c8d8-checkpoint125.safetensors``, converted on load: ``mimi_moshi``); nothing
+is downloaded. Moshi uses the first 8 of
 Mimi's 32 codebooks (codebook 0 semantic, 1..7 acoustic), 2048 entries each, at 12.5 Hz.
 
 Streaming:
@@ -32,6 +34,7 @@ import torch
 
 from moshivis_lab._compat import ensure_torchaudio_importable
 from moshivis_lab.audio.io import to_mono_float
+from moshivis_lab.audio.mimi_moshi import load_moshi_mimi
 from moshivis_lab.audio.protocol import n_frames, prepare_input, validate_codes, validate_frame
 from moshivis_lab.config import CodecConfig
 
@@ -66,6 +69,28 @@ def _check_checkpoint_dir(path: Path) -> dict[str, Any]:
     if not _weights_present(path):
         raise ValueError(f"{path}: config.json is there but no weights (model.safetensors)")
     return raw
+
+
+def _load_hf_dir(path: Path) -> Any:
+    """A ``MimiModel`` from a Hugging Face kyutai/mimi directory, checked complete."""
+    _check_checkpoint_dir(path)
+    from transformers import MimiModel
+
+    try:
+        model, info = MimiModel.from_pretrained(
+            str(path), local_files_only=True, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot be loaded as a Mimi checkpoint ({e})") from e
+    missing = sorted(info.get("missing_keys", ()))
+    mismatched = sorted(info.get("mismatched_keys", ()))
+    if missing or mismatched:
+        bad = (missing + [str(m) for m in mismatched])[:5]
+        raise ValueError(
+            f"{path}: not a complete Mimi checkpoint: {len(missing)} weights missing and "
+            f"{len(mismatched)} of the wrong shape (e.g. {bad}); re-download kyutai/mimi"
+        )
+    return model
 
 
 def _seanet_lookback_steps(cfg: Any) -> int:
@@ -203,24 +228,11 @@ class MimiCodec:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         path = Path(path).expanduser()
-        _check_checkpoint_dir(path)
         ensure_torchaudio_importable()
-        from transformers import MimiModel
-
-        try:
-            model, info = MimiModel.from_pretrained(
-                str(path), local_files_only=True, output_loading_info=True
-            )
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{path}: cannot be loaded as a Mimi checkpoint ({e})") from e
-        missing = sorted(info.get("missing_keys", ()))
-        mismatched = sorted(info.get("mismatched_keys", ()))
-        if missing or mismatched:
-            bad = (missing + [str(m) for m in mismatched])[:5]
-            raise ValueError(
-                f"{path}: not a complete Mimi checkpoint: {len(missing)} weights missing and "
-                f"{len(mismatched)} of the wrong shape (e.g. {bad}); re-download kyutai/mimi"
-            )
+        if path.is_file():  # Kyutai's own file, in the moshi package's layout
+            model = load_moshi_mimi(path)
+        else:
+            model = _load_hf_dir(path)
         cfg = model.config
         if not 1 <= num_codebooks <= cfg.num_quantizers:
             raise ValueError(
