@@ -149,6 +149,63 @@ RunOpt = Annotated[
 ]
 
 
+def _check_checkpoint(v: str | None) -> str | None:
+    """A released directory holding the released file set (or a repo id in the local cache)."""
+    if v is None:
+        return v
+    from moshivis_lab.model.release import find_release
+
+    try:
+        return str(find_release(v))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+
+
+def _check_image(v: str | None) -> str | None:
+    """A photo name or world id (resolved later), or an image file that must exist."""
+    if v is None:
+        return v
+    if not v.strip():
+        raise typer.BadParameter("give a photo name, a world image id or an image file")
+    looks_like_file = os.sep in v or Path(v).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+    if looks_like_file and not Path(v).is_file():
+        raise typer.BadParameter(f"{v}: no such image file")
+    return v
+
+
+def _check_prompt(v: str | None) -> str | None:
+    from moshivis_lab.interp.conversation import MAX_PROMPT_CHARS
+
+    if v is not None and not (0 < len(v.strip()) <= MAX_PROMPT_CHARS):
+        raise typer.BadParameter(f"a question of 1 to {MAX_PROMPT_CHARS} characters, got {len(v)}")
+    return v
+
+
+def _check_gate(v: float | None) -> float | None:
+    if v is not None and not math.isfinite(v):
+        raise typer.BadParameter(f"must be a finite number (0 = the base model), got {v}")
+    return v
+
+
+CheckpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--checkpoint",
+        help="Kyutai's released directory (or its repo id in the local HF cache) for "
+        "--preset moshika-vis (default: $MOSHIVIS_CHECKPOINT)",
+        callback=_check_checkpoint,
+    ),
+]
+
+
+def _lab_config(preset_name: str, data_dir: Path | None, checkpoint: str | None):  # noqa: ANN202
+    """The preset's config; a missing or misplaced checkpoint is a usage error (status 2)."""
+    try:
+        return preset(preset_name, data_dir, checkpoint)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--checkpoint") from e
+
+
 @app.command()
 def data(
     preset_name: PresetOpt = "tiny",
@@ -469,3 +526,73 @@ def pretrain_bases_cmd(
 
 if __name__ == "__main__":
     app()
+
+
+@app.command("converse")
+def converse_cmd(
+    preset_name: PresetOpt = "tiny",
+    checkpoint: CheckpointOpt = None,
+    data_dir: DataDirOpt = None,
+    run: RunOpt = "main",
+    image: Annotated[
+        str | None,
+        typer.Option(
+            help="a shipped photo's name, a world image id or an image file (default: "
+            "the first of the preset's images)",
+            callback=_check_image,
+        ),
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="the question, spoken by the TTS", callback=_check_prompt)
+    ] = None,
+    audio: Annotated[
+        Path | None,
+        typer.Option(help="ask with this recording instead", exists=True, dir_okay=False),
+    ] = None,
+    gate: Annotated[
+        float | None,
+        typer.Option(
+            help="force every gate to this value (0: the base model; default: as trained)",
+            callback=_check_gate,
+        ),
+    ] = None,
+    seconds: Annotated[
+        float, typer.Option(help="answer time after the question", min=0.4, max=30.0)
+    ] = 4.0,
+    seed: Annotated[int, typer.Option(help="sampling seed", min=0)] = 0,
+    out: Annotated[Path, _out_dir("--out", "where the conversation's files are written")] = Path(
+        "conversation"
+    ),
+) -> None:
+    """Ask a question about an image, streaming, and write the conversation: `conversation.wav`
+    (both sides), `reply.txt`, `gates.json` (the reported gate per 80 ms step and per layer)."""
+    import soundfile as sf
+
+    from moshivis_lab.interp.conversation import ConversationEngine, GateIntervention
+    from moshivis_lab.world.photos import PHOTOS
+
+    cfg = _lab_config(preset_name, data_dir, checkpoint)
+    engine = ConversationEngine.load(cfg, run)
+    picked = image if image is not None else engine.world_images("test")[0]
+    question = audio if audio is not None else prompt or PHOTOS.get(picked, "What do you see?")
+    conv = engine.run(
+        picked,
+        str(question),
+        intervention=None if gate is None else GateIntervention(value=gate),
+        seed=seed,
+        extra_seconds=seconds,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    sf.write(str(out / "conversation.wav"), conv.mix(), conv.sample_rate, subtype="PCM_16")
+    (out / "reply.txt").write_text(conv.reply_text + "\n")
+    gates = {
+        "layers": list(conv.layers),
+        "frame_rate": conv.frame_rate,
+        "gate_readout": conv.info.get("gate_readout", "lab"),
+        "reported": [round(float(g), 6) for g in conv.gate_score()],
+        "per_layer": [[round(float(g), 6) for g in row] for row in conv.gates],
+    }
+    (out / "gates.json").write_text(json.dumps(gates) + "\n")
+    typer.echo(f"{picked}: {conv.prompt or question!s}")
+    typer.echo(f"  reply: {conv.reply_text or '(nothing)'}")
+    typer.echo(f"  wrote {out}/conversation.wav, reply.txt, gates.json")

@@ -588,11 +588,21 @@ class LabConfig:
     codec: CodecConfig = field(default_factory=CodecConfig.tiny)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
+    # Kyutai's released directory (the moshika-vis preset): the model every part of the lab uses
+    # instead of a trained run; None for the tiny presets.
+    checkpoint: Path | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", Path(self.checkpoint).expanduser())
         _positive(self, "workers")
+
+    @property
+    def released(self) -> bool:
+        """Whether this config runs Kyutai's released model (``checkpoint`` is set)."""
+        return self.checkpoint is not None
 
     @property
     def world_dir(self) -> Path:
@@ -643,14 +653,52 @@ class LabConfig:
             **kw,
         )
 
+    @classmethod
+    def moshika_vis(
+        cls,
+        data_dir: str | os.PathLike[str] | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+    ) -> LabConfig:
+        """Kyutai's released MoshiVis from a local directory (``checkpoint``, else
+        ``$MOSHIVIS_CHECKPOINT``) exactly as published: its Mimi file and its tokenizer."""
+        given = checkpoint if checkpoint is not None else os.environ.get(CHECKPOINT_ENV)
+        if not given:
+            raise ValueError(
+                f"the moshika-vis preset needs the released directory: pass checkpoint=DIR or set "
+                f"{CHECKPOINT_ENV}=DIR (a local copy of {RELEASE_REPO}, e.g. "
+                f"`huggingface-cli download {RELEASE_REPO} --local-dir DIR`)"
+            )
+        root = Path(given).expanduser()
+        kw: dict[str, Any] = {} if data_dir is None else {"data_dir": Path(data_dir)}
+        return cls(
+            name="moshika-vis",
+            codec=CodecConfig.mimi(root / "tokenizer-e351c8d8-checkpoint125.safetensors"),
+            tokenizer=TokenizerConfig(
+                vocab_size=32000, model_path=str(root / "tokenizer_spm_32k_3.model")
+            ),
+            checkpoint=root,
+            **kw,
+        )
 
-PRESETS = {"tiny": LabConfig.tiny, "smoke": LabConfig.smoke}
+
+CHECKPOINT_ENV = "MOSHIVIS_CHECKPOINT"
+RELEASE_REPO = "kyutai/moshika-vis-pytorch-bf16"
+PRESETS = {"tiny": LabConfig.tiny, "smoke": LabConfig.smoke, "moshika-vis": LabConfig.moshika_vis}
 
 
-def preset(name: str, data_dir: str | os.PathLike[str] | None = None) -> LabConfig:
-    """Look a preset up by name ('tiny' or 'smoke')."""
+def preset(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> LabConfig:
+    """Look a preset up by name ('tiny', 'smoke', or 'moshika-vis' with ``checkpoint`` or
+    ``$MOSHIVIS_CHECKPOINT``: Kyutai's released directory)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if name == "moshika-vis":
+        return LabConfig.moshika_vis(data_dir, checkpoint)
+    if checkpoint is not None:
+        raise ValueError(f"checkpoint= is for the moshika-vis preset, not {name!r}")
     return PRESETS[name](data_dir)
 
 

@@ -1096,7 +1096,9 @@ def test_any_wrong_kind_of_value_names_its_field(data) -> None:
     name=st.text(max_size=12).filter(lambda s: s not in PRESETS),
 )
 def test_unknown_preset_names_list_the_known_ones(name) -> None:
-    with pytest.raises(ValueError, match=r"unknown preset .* choose one of \['smoke', 'tiny'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown preset .* choose one of \['moshika-vis', 'smoke', 'tiny'\]"
+    ):
         preset(name)
 
 
@@ -1514,7 +1516,10 @@ def test_bad_codec_directories(codec, name, msg, tmp_path) -> None:
 # (args, regex in the output): every one exits with status 2 before anything is built or written.
 _GE1 = r"(Input should be greater than or equal to 1|is not in the range x>=1)"  # typer / click
 CLI_CASES: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("info", "--preset", "huge"), r"unknown preset 'huge'; choose one of \['smoke', 'tiny'\]"),
+    (
+        ("info", "--preset", "huge"),
+        r"unknown preset 'huge'; choose one of \['moshika-vis', 'smoke', 'tiny'\]",
+    ),
     (("data", "--preset", ""), r"unknown preset ''"),
     (("data", "--workers", "0"), r"'--workers': " + _GE1),
     (("data", "--stage", "everything"), r"unknown stage\(s\) \['everything'\]; choose from"),
@@ -1606,6 +1611,14 @@ BAD_OPTION_VALUES: dict[str, tuple[str, ...]] = {
     "--threads": ("0",),
     "--figures-dir": ("FILE", "FILE/sub"),
     "--bases-root": ("FILE", "FILE/sub"),
+    "--checkpoint": ("FILE", "missing_dir", "kyutai/not-cached"),
+    "--image": ("", "missing.png"),
+    "--prompt": ("",),
+    "--audio": ("missing.wav",),
+    "--gate": ("nan",),
+    "--seconds": ("0",),
+    "--seed": ("-1",),
+    "--out": ("FILE", "FILE/sub"),
 }
 
 

@@ -112,3 +112,76 @@ def test_find_release_says_what_is_missing(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="local Hugging Face cache"):
         find_release("kyutai/not-a-cached-model")
+
+
+def test_one_switch_runs_a_conversation_on_the_release(tiny_release: Path, monkeypatch) -> None:
+    """``MOSHIVIS_PRESET=moshika-vis MOSHIVIS_CHECKPOINT=DIR``: the engine behind every widget
+    loads the released directory and talks about a shipped photograph."""
+    from moshivis_lab.config import preset
+    from moshivis_lab.interp.conversation import ConversationEngine, GateIntervention
+    from moshivis_lab.world.photos import PHOTOS, photo_names
+
+    monkeypatch.setenv(rel.CHECKPOINT_ENV, str(tiny_release))
+    cfg = preset("moshika-vis")
+    assert cfg.released and cfg.checkpoint == tiny_release
+    assert preset("moshika-vis", checkpoint=tiny_release) == cfg
+    engine = ConversationEngine.load(cfg, device="cpu")
+    assert engine.world_images() == photo_names()
+    question = PHOTOS["chelsea"]
+    seeing = engine.run("chelsea", question, seed=0, extra_seconds=1.0)
+    closed = engine.run("chelsea", question, seed=0, extra_seconds=1.0,
+                        intervention=GateIntervention(value=0.0))  # fmt: skip
+    assert seeing.layers == engine.layers and seeing.gates.shape[1] == seeing.n_steps > 10
+    assert seeing.gate_score().max() > 0 and np.all(closed.gate_score() == 0)
+    assert seeing.info["gate_readout"] == "kyuteye"
+    monkeypatch.delenv(rel.CHECKPOINT_ENV)
+    with pytest.raises(ValueError, match="MOSHIVIS_CHECKPOINT=DIR"):
+        preset("moshika-vis")
+    with pytest.raises(ValueError, match="checkpoint= is for the moshika-vis preset"):
+        preset("tiny", checkpoint=tiny_release)
+
+
+def test_the_widgets_run_on_the_release(tiny_release: Path) -> None:
+    """ConversationExplorer and GateLab over the released model: rendered, run, a control moved,
+    the figure changed (in the kernel; tests/test_browser.py drives JupyterLab)."""
+    from moshivis_lab.interp.conversation import ConversationEngine
+    from moshivis_lab.widgets import ConversationExplorer, GateLab
+    from moshivis_lab.world.photos import PHOTOS
+
+    engine = ConversationEngine.from_release(load_release(tiny_release, log=lambda *a: None))
+    fast = {"extra_seconds": 0.8}
+    ex = ConversationExplorer(engine, image="coffee", prompt=PHOTOS["coffee"], **fast)
+    assert [o for o in ex.image_select.options][:1]
+    ex.run_button.click()
+    assert ex.conversation is not None, ex.status.value
+    lab = GateLab(engine, image="coffee", prompt=PHOTOS["coffee"], **fast)
+    lab.amount.value = 1.0
+    lab.run_button.click()
+    assert lab.after is not None, lab.status.value
+    z = np.asarray(lab.after_gate_figure.data[0].z, dtype=float)
+    start = engine.model.cfg.xa.xa_start  # 16: the release skips cross-attention before it
+    assert start == 16 and np.all(z[:, :start] == 0) and np.allclose(z[:, start:], 1.0)
+    before = np.asarray(lab.before_gate_figure.data[0].z, dtype=float)
+    assert not np.allclose(before[:, start:], 1.0)
+
+
+def test_the_cli_converses_with_the_release(tiny_release: Path, tmp_path: Path) -> None:
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from moshivis_lab.cli import app
+
+    out = tmp_path / "conv"
+    args = ["converse", "--preset", "moshika-vis", "--checkpoint", str(tiny_release),
+            "--image", "rocket", "--seconds", "0.8", "--out", str(out)]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "rocket" in res.output and (out / "conversation.wav").stat().st_size > 1000
+    gates = _json.loads((out / "gates.json").read_text())
+    assert gates["gate_readout"] == "kyuteye" and len(gates["per_layer"]) == 4
+    assert max(gates["reported"]) > 0
+    res = CliRunner().invoke(
+        app, ["converse", "--preset", "tiny", "--checkpoint", str(tiny_release)]
+    )
+    assert res.exit_code == 2 and "moshika-vis" in res.output

@@ -46,6 +46,7 @@ from moshivis_lab.interp.attention import fold_pooled_attention
 from moshivis_lab.interp.gates import GateIntervention
 from moshivis_lab.model.generate import timed_transcript
 from moshivis_lab.model.moshivis import reported_gate
+from moshivis_lab.world.photos import PHOTOS, load_photo, photo_names
 
 _PATTERN = "temporal.layers.{i}.cross_attention.hook_pattern"
 MAX_SECONDS = 60.0  # longest user audio (plus reply time) one conversation may hold
@@ -180,9 +181,12 @@ class Conversation:
 
 
 def world_images(cfg: Any, split: str = "test") -> list[str]:
-    """Ids of the world's images of ``split`` (e.g. ``test_00003``), sorted."""
+    """Ids of the world's images of ``split`` (e.g. ``test_00003``), sorted; for a released
+    model's config (``moshika-vis``), the shipped photographs' names."""
     from moshivis_lab.world.generate import world_paths
 
+    if getattr(cfg, "released", False):
+        return photo_names()
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     d = world_paths(cfg, split)["images"]
@@ -222,7 +226,8 @@ def resolve_image(
 ) -> tuple[Image.Image, str | None]:
     """An RGB PIL image and its world id (None when not a world image) from any of:
 
-    a world image id (``"test_00003"``), an index into ``world_images(cfg, split)``, a path to an
+    a world image id (``"test_00003"``) or a shipped photo's name (``"chelsea"``), an index into
+    ``world_images(cfg, split)``, a path to an
     image file, a PIL image of any mode (converted as the image encoder converts it:
     ``vision.preprocess``), or an ``HxWx3`` uint8 array. Unreadable, truncated or oversized files
     raise a ``ValueError``.
@@ -245,6 +250,8 @@ def resolve_image(
         if not 0 <= int(image) < len(ids):
             raise ValueError(f"image index must be in [0, {len(ids)}) for split {split!r}")
         image = ids[int(image)]
+    if isinstance(image, str) and image in PHOTOS:
+        return load_photo(image), image
     if isinstance(image, str) and _WORLD_ID.fullmatch(image):
         if cfg is None:
             raise ValueError(f"the world image id {image!r} needs the lab config (cfg)")
@@ -504,7 +511,14 @@ class ConversationEngine:
 
     @classmethod
     def load(cls, cfg: Any, run: str = "main", **kw: Any) -> ConversationEngine:
-        """The trained adapters of run ``run`` with the lab's codec, tokenizer and encoder."""
+        """The trained adapters of run ``run`` with the lab's codec, tokenizer and encoder; with
+        the ``moshika-vis`` preset (``cfg.checkpoint``), Kyutai's released model instead."""
+        if getattr(cfg, "released", False):
+            from moshivis_lab.model.release import load_release
+
+            device = kw.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
+            dtype = kw.pop("dtype", torch.bfloat16 if device != "cpu" else torch.float32)
+            return cls.from_release(load_release(cfg.checkpoint, device=device, dtype=dtype), **kw)
         from moshivis_lab.audio.codecs import load_codec
         from moshivis_lab.train.adapters import load_trained
         from moshivis_lab.vision.pretrain import load_vision_encoder
@@ -520,15 +534,22 @@ class ConversationEngine:
             **kw,
         )
 
+    @classmethod
+    def from_release(cls, release: Any, **kw: Any) -> ConversationEngine:
+        """An engine over a loaded released directory (``model.release.load_release``): images
+        are photographs (``world.photos``) or the user's own, prompts spoken by the TTS."""
+        return cls(release.model, release.codec, release.tokenizer, release.encoder, **kw)
+
     @property
     def layers(self) -> tuple[int, ...]:
         """Temporal layers that hold cross-attention."""
         return tuple(self.model.cfg.layers)
 
     def world_images(self, split: str = "test") -> list[str]:
-        """Ids of the world's images of ``split``."""
-        if self.cfg is None:
-            raise ValueError("this engine has no lab config: give images as paths or PIL images")
+        """Ids of the world's images of ``split`` (the shipped photographs' names when the
+        engine runs a released model, which has no tiny world)."""
+        if self.cfg is None or getattr(self.cfg, "released", False):
+            return photo_names()
         return world_images(self.cfg, split)
 
     def image(self, image: Any, split: str = "test") -> tuple[Image.Image, str | None]:

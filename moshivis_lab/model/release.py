@@ -24,19 +24,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moshivis_lab.audio.mimi_moshi import MOSHI_MIMI_FILE
-from moshivis_lab.config import LMConfig, MoshiVisConfig, XAConfig
+from moshivis_lab.config import CHECKPOINT_ENV, RELEASE_REPO, LMConfig, MoshiVisConfig, XAConfig
 from moshivis_lab.model.moshivis import MoshiVis
 from moshivis_lab.model.release_layout import InferredArchitecture, infer_moshivis_config
 from moshivis_lab.model.vis_checkpoint import load_moshivis, to_released_state
 from moshivis_lab.vision.config import VisionConfig
 
-HF_REPO = "kyutai/moshika-vis-pytorch-bf16"
+HF_REPO = RELEASE_REPO
 RELEASE_FILES = {
     "model": "model.safetensors",
     "mimi": MOSHI_MIMI_FILE,
     "tokenizer": "tokenizer_spm_32k_3.model",
 }
-CHECKPOINT_ENV = "MOSHIVIS_CHECKPOINT"
 _SIGLIP_HEAD = 72  # SigLIP-So400m: 1152 wide, 16 heads
 _GB = 1e9
 

@@ -147,16 +147,15 @@ def status_html(text: str, error: bool = False) -> str:
 
 
 def world_image_dropdown(engine: Any, split: str, image: int | str) -> widgets.Dropdown:
-    """A dropdown of the world's ``split`` images (empty without a world), ``image`` selected.
+    """A dropdown of the world's ``split`` images (the shipped photographs for a released model
+    or an engine without a config; empty when the world is not built), ``image`` selected.
 
     ``image``: an index into the split's images or an image id; anything else selects the first.
     """
-    ids: list[str] = []
-    if engine.cfg is not None:
-        try:
-            ids = engine.world_images(split)
-        except FileNotFoundError:
-            ids = []
+    try:
+        ids = engine.world_images(split)
+    except FileNotFoundError:
+        ids = []
     value = None
     if isinstance(image, int) and 0 <= image < len(ids):
         value = ids[image]
