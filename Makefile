@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 export NO_TORCH_COMPILE := 1
 
-.PHONY: venv test lint reproduce pretrain-bases data lab bench clean-data
+.PHONY: venv test lint reproduce pretrain-bases data lab bench bench-gpu clean-data
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ lab: venv
 
 bench: venv
 	$(BIN)/python benchmarks/run.py --preset $(PRESET)
+
+# The released shape on one CUDA GPU (<= 8 min): streaming step with/without vision, adapter
+# training at batch 1 x 750 frames and the largest batch; JSON + markdown in benchmarks/results/.
+bench-gpu: venv
+	$(BIN)/python benchmarks/gpu.py
 
 clean-data:
 	rm -rf data/$(PRESET)

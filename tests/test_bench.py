@@ -263,3 +263,20 @@ def test_markdown_renders_stats_and_tables() -> None:
     assert "vision overhead, tiny, K/V cached | 1.100 [IQR" in md
     assert "**scaling.batch**" in md and "| 1 | 10.0 |" in md
     assert "long" not in md
+
+
+def test_bench_gpu_runs_on_cpu_at_a_reduced_layer_count(tmp_path) -> None:
+    """`make bench-gpu`'s code at the real widths, one layer each, in float32 on the CPU."""
+    from benchmarks import gpu
+
+    res = gpu.run(layers=1, depformer_layers=1, seq=8, steps=3, warmup=1, max_batch=1, device="cpu")
+    assert res["shape"] == "1 layers x 4096 + depformer 1 x 1024" and res["dtype"] == "float32"
+    s = res["streaming"]
+    for name in ("without_vision", "with_vision"):
+        finite_stats(s[name])
+        assert s[name]["n"] == 3
+    assert s["overhead_ratio"] > 0 and s["paper_ms"] == gpu.PAPER_MS
+    t = res["training"]
+    assert t["largest_batch_fitting"] == 1 and t["rows"][0]["step_s"] > 0
+    md = gpu.markdown(res)
+    assert "with vision" in md and "largest batch that fits: 1" in md

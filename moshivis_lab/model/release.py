@@ -169,9 +169,11 @@ def load_release(
     model_file = directory / RELEASE_FILES["model"]
     arch = infer_moshivis_config(model_file, MoshiVisConfig.moshika_vis())
     needed = memory_needed(directory, dtype)
+    size = (
+        f"{needed['total']:.1f} GB" if needed["total"] >= 0.1 else f"{needed['total'] * 1e3:.1f} MB"
+    )
     log(
-        f"{directory}: {arch.config.lm.num_layers} layers x {arch.config.lm.dim}; needs "
-        f"{needed['total']:.2f} GB on {device} ({dtype})"
+        f"{directory}: {arch.config.lm.num_layers} layers x {arch.config.lm.dim}; needs {size} on {device} ({dtype})"
     )
     check_fits(needed, device)
     model = load_moshivis(model_file, arch.config, device=device, dtype=dtype)
