@@ -582,9 +582,12 @@ def converse_cmd(
         seed=seed,
         extra_seconds=seconds,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    sf.write(str(out / "conversation.wav"), conv.mix(), conv.sample_rate, subtype="PCM_16")
-    (out / "reply.txt").write_text(conv.reply_text + "\n")
+    from moshivis_lab.artefacts import atomic_open, atomic_path, write_json
+
+    with atomic_path(out / "conversation.wav") as tmp:
+        sf.write(str(tmp), conv.mix(), conv.sample_rate, subtype="PCM_16", format="WAV")
+    with atomic_open(out / "reply.txt") as f:
+        f.write(conv.reply_text + "\n")
     gates = {
         "layers": list(conv.layers),
         "frame_rate": conv.frame_rate,
@@ -592,7 +595,7 @@ def converse_cmd(
         "reported": [round(float(g), 6) for g in conv.gate_score()],
         "per_layer": [[round(float(g), 6) for g in row] for row in conv.gates],
     }
-    (out / "gates.json").write_text(json.dumps(gates) + "\n")
+    write_json(out / "gates.json", gates)
     typer.echo(f"{picked}: {conv.prompt or question!s}")
     typer.echo(f"  reply: {conv.reply_text or '(nothing)'}")
     typer.echo(f"  wrote {out}/conversation.wav, reply.txt, gates.json")

@@ -185,3 +185,17 @@ def test_the_cli_converses_with_the_release(tiny_release: Path, tmp_path: Path) 
         app, ["converse", "--preset", "tiny", "--checkpoint", str(tiny_release)]
     )
     assert res.exit_code == 2 and "moshika-vis" in res.output
+
+
+def test_load_lab_takes_the_switch(tiny_release: Path) -> None:
+    """The notebooks' one setup call: on moshika-vis it loads the release, trains nothing."""
+    from moshivis_lab.config import preset
+    from moshivis_lab.lab import load_lab, trained_run
+
+    cfg = preset("moshika-vis", checkpoint=tiny_release)
+    lab = load_lab(cfg, device="cpu")
+    assert lab.released and lab.run is None and not lab.small
+    assert "Kyutai's released model" in lab.describe()
+    assert lab.engine is lab.engine and lab.engine.world_images()[0] == "astronaut"
+    with pytest.raises(ValueError, match="nothing to train"):
+        trained_run(cfg)

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moshivis_lab.artefacts import atomic_path
 from moshivis_lab.audio.mimi_moshi import MOSHI_MIMI_FILE
 from moshivis_lab.config import CHECKPOINT_ENV, RELEASE_REPO, LMConfig, MoshiVisConfig, XAConfig
 from moshivis_lab.model.moshivis import MoshiVis
@@ -252,7 +253,8 @@ def write_tiny_release(
             for k, v in encoder.model.state_dict().items()
         }
     )
-    save_file(state, str(out / RELEASE_FILES["model"]))
+    with atomic_path(out / RELEASE_FILES["model"]) as tmp:
+        save_file(state, str(tmp))
     mimi = MimiModel(
         MimiConfig(
             hidden_size=64,
@@ -277,6 +279,8 @@ def write_tiny_release(
                 t.fill_(1.0)
             elif name.endswith("initialized"):
                 t.fill_(1.0)
-    save_file(to_moshi_state(mimi), str(out / RELEASE_FILES["mimi"]))
-    shutil.copyfile(tokenizer, out / RELEASE_FILES["tokenizer"])
+    with atomic_path(out / RELEASE_FILES["mimi"]) as tmp:
+        save_file(to_moshi_state(mimi), str(tmp))
+    with atomic_path(out / RELEASE_FILES["tokenizer"]) as tmp:
+        shutil.copyfile(tokenizer, tmp)
     return out
